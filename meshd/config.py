@@ -1,0 +1,105 @@
+"""Every knob of meshd in one frozen object, with LAN defaults and a fast preset for tests.
+
+Library code receives a `Config` and never reads the environment or files itself; the
+daemon's entry point (`meshd.main`) builds one from flags and `MESHD_*` variables. The path
+helpers at the bottom are pure functions of an environment mapping so the SDK can find the
+daemon's socket the same way the daemon chose it. Leaf module: stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+MiB = 1024 * 1024
+
+#: Durability modes. "process": every acknowledged write is in SQLite's WAL in the OS
+#: before the reply, so it survives kill -9 and daemon crashes (not a power cut).
+#: "fsync": the WAL is fsynced before the reply (group commit), which also survives power
+#: loss at a cost of roughly one disk flush per batch of writes.
+DURABILITY_MODES = ("process", "fsync")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """All timing, size and path knobs. Units are in the field names or comments."""
+
+    # --- where things live -------------------------------------------------------------
+    socket_path: str = ""                 # local API socket; "" = default_socket_path()
+    data_dir: str = ""                    # SQLite + node id; "" = default_data_dir()
+    socket_mode: int = 0o600              # owner-only; the system service uses 0o660
+    # --- sizes -------------------------------------------------------------------------
+    max_frame_bytes: int = 1 * MiB        # largest request/record accepted; larger = error
+    max_batch: int = 1024                 # requests applied per transaction (group commit)
+    # --- durability --------------------------------------------------------------------
+    durability: str = "process"           # see DURABILITY_MODES
+    # --- sessions ----------------------------------------------------------------------
+    session_stale_after: float = 300.0    # s without ping before a session shows OFFLINE
+    # --- live streams ------------------------------------------------------------------
+    stream_window: int = 256              # events pushed before the subscriber must ack
+    stream_idle_timeout: float = 30.0     # s without ack/renew before a stream is dropped
+    # --- housekeeping ------------------------------------------------------------------
+    expiry_interval: float = 5.0          # s between purges of TTL-expired memory entries
+    # --- clients -----------------------------------------------------------------------
+    client_timeout: float = 10.0          # s, default deadline of one SDK call
+
+    @classmethod
+    def lan(cls, **overrides: object) -> "Config":
+        """Defaults for hosts on one LAN."""
+        return replace(cls(), **overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def test(cls, **overrides: object) -> "Config":
+        """Short timers so tests converge quickly on loopback."""
+        base = replace(cls(), stream_idle_timeout=5.0, expiry_interval=0.5, client_timeout=5.0)
+        return replace(base, **overrides)  # type: ignore[arg-type]
+
+    def with_(self, **overrides: object) -> "Config":
+        """A copy with some fields changed (the object itself is immutable)."""
+        return replace(self, **overrides)  # type: ignore[arg-type]
+
+
+def default_socket_path(environ: Mapping[str, str] | None = None, system: bool = False) -> str:
+    """Where the local API socket lives.
+
+    `MESHD_SOCKET` wins; the system service (or root with no user runtime dir) uses
+    /run/meshd (systemd's RuntimeDirectory); a user gets $XDG_RUNTIME_DIR/meshd, or a
+    per-uid directory under /tmp when that variable is unset.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("MESHD_SOCKET"):
+        return env["MESHD_SOCKET"]
+    if env.get("RUNTIME_DIRECTORY"):          # set by systemd for RuntimeDirectory=
+        return str(Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "meshd.sock")
+    if system:
+        return "/run/meshd/meshd.sock"
+    if env.get("XDG_RUNTIME_DIR"):
+        return str(Path(env["XDG_RUNTIME_DIR"]) / "meshd" / "meshd.sock")
+    if os.geteuid() == 0:
+        return "/run/meshd/meshd.sock"
+    return f"/tmp/meshd-{os.geteuid()}/meshd.sock"
+
+
+def candidate_socket_paths(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Sockets a client tries, in order: the user's daemon first, then the system one."""
+    env = os.environ if environ is None else environ
+    if env.get("MESHD_SOCKET"):
+        return [env["MESHD_SOCKET"]]
+    paths = [default_socket_path(env), "/run/meshd/meshd.sock"]
+    return list(dict.fromkeys(paths))
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None, system: bool = False) -> str:
+    """Where the database and node id live: MESHD_DATA_DIR, systemd's StateDirectory,
+    /var/lib/meshd for the service, else $XDG_STATE_HOME/meshd (~/.local/state/meshd)."""
+    env = os.environ if environ is None else environ
+    if env.get("MESHD_DATA_DIR"):
+        return env["MESHD_DATA_DIR"]
+    if env.get("STATE_DIRECTORY"):
+        return env["STATE_DIRECTORY"].split(":")[0]
+    if system:
+        return "/var/lib/meshd"
+    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/tmp")) / ".local" / "state")
+    return str(Path(state_home) / "meshd")

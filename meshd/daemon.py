@@ -1,0 +1,141 @@
+"""The daemon: composes the store and the IPC server on one event loop, and owns their
+lifecycle (ordered start, idempotent stop, housekeeping timers)."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from meshd import __version__
+from meshd.config import Config
+from meshd.errors import MeshError
+from meshd.ipc.server import IPCServer
+from meshd.sdnotify import notify
+from meshd.state import memory
+from meshd.state.store import Store
+from meshd.wire.ipc import PROTOCOL_VERSION
+
+log = logging.getLogger("meshd")
+
+
+class DataDirLocked(MeshError):
+    """Another daemon already uses this data directory."""
+
+    code = "data_dir_locked"
+
+
+class Daemon:
+    """One meshd: `await start()` returns once the socket serves; `stop()` is idempotent."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.ipc: IPCServer | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._lock_fd: int | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self._started_at = time.time()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._lock_data_dir(Path(cfg.data_dir))
+        self.store = Store(cfg.data_dir, durability=cfg.durability,
+                           stale_after=cfg.session_stale_after, background_checkpoint=True)
+        self._ctx = zmq.asyncio.Context()
+        self.ipc = IPCServer(cfg, self.store, self._ctx, self.info)
+        await self.ipc.start()
+        self._spawn(self._housekeeping())
+        log.info("meshd %s ready: node %s, data in %s, durability=%s", __version__,
+                 self.store.node_id, cfg.data_dir, cfg.durability)
+
+    def _lock_data_dir(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirLocked(f"another meshd is using the data directory {data_dir}") from None
+        self._lock_fd = fd
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _housekeeping(self) -> None:
+        """Purge expired memory entries and idle stream subscriptions."""
+        while True:
+            await asyncio.sleep(self.config.expiry_interval)
+            try:
+                assert self.store is not None and self.ipc is not None
+                with self.store.write():
+                    purged = memory.purge_expired(self.store)
+                if purged:
+                    log.info("purged %d expired memory entries", purged)
+                self.ipc.housekeeping()
+            except MeshError as exc:
+                log.warning("housekeeping failed: %s", exc)
+
+    def info(self) -> dict[str, Any]:
+        assert self.store is not None and self.ipc is not None
+        return {"node_id": self.store.node_id, "version": __version__,
+                "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+                "socket": self.config.socket_path, "data_dir": self.config.data_dir,
+                "durability": self.config.durability,
+                "uptime": round(time.time() - self._started_at, 3), **self.ipc.stats()}
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Reverse order of start: stop serving, stop timers, close the store."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.ipc is not None:
+            self.ipc.stop()
+            self.ipc = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+async def serve(config: Config) -> None:
+    """Run a daemon until SIGTERM/SIGINT; tell systemd when it is ready and stopping."""
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        await daemon.start()
+        notify("READY=1\nSTATUS=serving")
+        await daemon.wait_stopped()
+        log.info("shutting down")
+        notify("STOPPING=1")
+    finally:
+        await daemon.stop()
+        log.info("stopped")

@@ -1,0 +1,309 @@
+"""The local API server: a ZeroMQ ROUTER on an ipc:// socket, answering the protocol of
+`meshd.wire.ipc`.
+
+Requests are drained from the socket in batches and applied in one store transaction
+(group commit): each request runs in its own savepoint, replies go out only after the
+commit, so an acknowledged write is on disk and a failing request undoes only itself.
+Readiness comes from the event loop watching the socket's file descriptor, and all socket
+calls are non-blocking: one slow or vanished client can never stall the loop or other
+clients (its replies are dropped and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket as pysocket
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from meshd.config import Config
+from meshd.errors import MeshError, StoreError
+from meshd.ipc.streams import Streams
+from meshd.state import commands
+from meshd.state.store import Store
+from meshd.wire.ipc import OK, decode_request, encode_error, encode_reply, validate_args
+
+log = logging.getLogger("meshd.ipc")
+
+#: ipc:// paths are limited by sockaddr_un.sun_path.
+MAX_SOCKET_PATH = 107
+
+NodeInfo = Callable[[], dict[str, Any]]
+
+# Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call on the hot path.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+class SocketInUse(MeshError):
+    """Another live daemon already serves this socket."""
+
+    code = "socket_in_use"
+
+
+def prepare_socket_path(path: str, mode: int) -> None:
+    """Create the socket's directory (owner-only) and remove a stale socket file; refuse if
+    a live daemon answers on it."""
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise MeshError(f"socket path is longer than {MAX_SOCKET_PATH} bytes: {path}")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o750 if mode & 0o070 else 0o700)
+    if p.exists() or p.is_symlink():
+        probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        try:
+            probe.connect(str(p))
+        except OSError:
+            p.unlink()                      # nobody listens: a leftover of a killed daemon
+        else:
+            raise SocketInUse(f"another meshd is already serving on {path}")
+        finally:
+            probe.close()
+
+
+class _BatchFailed(Exception):
+    """A request failed in a batch run without savepoints: run it again with them."""
+
+
+class IPCServer:
+    """Serves one ROUTER socket from the daemon's event loop."""
+
+    def __init__(self, config: Config, store: Store, ctx: zmq.asyncio.Context,
+                 node_info: NodeInfo) -> None:
+        self.config = config
+        self.store = store
+        self.path = config.socket_path
+        self.node_info = node_info
+        self.counters: Counter[str] = Counter()
+        self._ctx = ctx
+        self._sock: zmq.asyncio.Socket | None = None
+        self._raw: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        prepare_socket_path(self.path, self.config.socket_mode)
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)        # unroutable reply -> error, not silence
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        # Hard cap far above the protocol limit: frames between the two get a clear
+        # too_large error reply; beyond it ZeroMQ drops the connection before buffering.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_frame_bytes + 65536)
+        old = os.umask(0o777 & ~self.config.socket_mode)
+        try:
+            sock.bind(f"ipc://{self.path}")
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.config.socket_mode)
+        self._sock = sock
+        # A synchronous view of the same socket: the loop tells us when it is readable and
+        # we drain it with non-blocking calls, which costs far less than a future per frame.
+        self._raw = zmq.Socket.shadow(sock.underlying)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._raw.getsockopt(zmq.FD), self._drain)
+        self._wake()
+        log.info("serving the local API on ipc://%s", self.path)
+
+    def stop(self) -> None:
+        if self._raw is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._raw.getsockopt(zmq.FD))
+        assert self._sock is not None
+        self._sock.close(linger=0)
+        self._sock = self._raw = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def housekeeping(self) -> None:
+        dropped = self.streams.expire()
+        if dropped:
+            log.info("dropped %d idle stream subscription(s)", dropped)
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Drain again on the next loop turn (other tasks get to run in between)."""
+        if self._scheduled or self._raw is None:
+            return
+        self._scheduled = True
+        assert self._loop is not None
+        self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Called when the socket's FD is readable. That FD is edge-triggered, so we read
+        until ZeroMQ says nothing is left, a batch at a time."""
+        self._scheduled = False
+        raw = self._raw
+        if raw is None:
+            return
+        batch: list[list[bytes]] = []
+        try:
+            while len(batch) < self.config.max_batch and raw.get(_EVENTS) & _POLLIN:
+                batch.append(raw.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:                       # never let the loop die on a socket
+            log.warning("receive failed: %s", exc)
+        if batch:
+            try:
+                self._process(batch)
+            except Exception:                                # pragma: no cover - last resort
+                log.exception("unexpected error while serving a batch")
+                self.counters["internal_errors"] += 1
+        if self._raw is not None and self._raw.get(_EVENTS) & _POLLIN:
+            self._wake()                                     # more waiting: yield, then continue
+
+    def _process(self, batch: list[list[bytes]]) -> None:
+        replies: list[tuple[bytes, bytes]] = []
+        store_work: list[tuple[bytes, int, str, dict[str, Any]]] = []
+        local_work: list[tuple[bytes, int, str, dict[str, Any]]] = []
+        for frames in batch:
+            self.counters["requests"] += 1
+            if len(frames) != 2:
+                self._reject(replies, frames[0] if frames else None, None, "bad_request",
+                             "a request is exactly one frame")
+                continue
+            ident, frame = frames
+            try:
+                req_id, command, raw_args = decode_request(frame, self.config.max_frame_bytes)
+            except MeshError as exc:
+                self._reject(replies, ident, getattr(exc, "req_id", None), exc.code, str(exc))
+                continue
+            try:
+                args = validate_args(command, raw_args)
+            except MeshError as exc:
+                self._reject(replies, ident, req_id, exc.code, str(exc))
+                continue
+            if command in commands.HANDLERS:
+                store_work.append((ident, req_id, command, args))
+            else:
+                local_work.append((ident, req_id, command, args))
+        if store_work:
+            replies.extend(self._run_store_batch(store_work))
+        for ident, frame in replies:
+            self._send(ident, frame)
+        if store_work:
+            self.streams.publish(self.store.take_events())
+        for ident, req_id, command, args in local_work:
+            self._run_local(ident, req_id, command, args)
+
+    def _reject(self, replies: list[tuple[bytes, bytes]], ident: bytes | None, req_id: int | None,
+                code: str, message: str) -> None:
+        self.counters[f"rejected.{code}"] += 1
+        if ident is not None:
+            replies.append((ident, encode_error(req_id, code, message)))
+
+    def _run_store_batch(self, work: list[tuple[bytes, int, str, dict[str, Any]]]
+                         ) -> list[tuple[bytes, bytes]]:
+        """Apply a batch in one transaction; replies are valid only once it has committed.
+
+        Most batches have no failing request, so the batch first runs without per-request
+        savepoints; if any request fails, the whole transaction is rolled back and the
+        batch runs again with a savepoint around each request, so that only the failing
+        ones are undone.
+        """
+        read_only = all(w[2] in commands.READ_ONLY for w in work)
+        if not read_only and len(work) > 1:
+            try:
+                return self._apply(work, read_only, isolate=False)
+            except _BatchFailed:
+                self.counters["batch_retries"] += 1
+        return self._apply(work, read_only, isolate=True)
+
+    def _apply(self, work: list[tuple[bytes, int, str, dict[str, Any]]], read_only: bool,
+               isolate: bool) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        ok: Counter[str] = Counter()
+        try:
+            with self.store.read() if read_only else self.store.write():
+                for ident, req_id, command, args in work:
+                    try:
+                        if isolate and not read_only:
+                            with self.store.savepoint():
+                                result = commands.run(self.store, command, args)
+                        else:
+                            result = commands.run(self.store, command, args)
+                    except MeshError as exc:
+                        if not isolate:
+                            raise _BatchFailed() from exc
+                        self.counters[f"error.{exc.code}"] += 1
+                        out.append((ident, encode_error(req_id, exc.code, str(exc))))
+                        continue
+                    except Exception as exc:   # a bug in one command must not fail the batch
+                        if not isolate:
+                            raise _BatchFailed() from exc
+                        log.exception("command %s failed", command)
+                        self.counters["internal_errors"] += 1
+                        out.append((ident, encode_error(req_id, "internal",
+                                                        f"{type(exc).__name__}: {exc}")))
+                        continue
+                    out.append((ident, encode_reply(req_id, OK, result)))
+                    ok[command] += 1
+        except StoreError as exc:
+            log.error("commit failed, %d request(s) not applied: %s", len(work), exc)
+            self.counters["error.store_error"] += len(work)
+            self.store.take_events()
+            return [(ident, encode_error(req_id, exc.code, str(exc)))
+                    for ident, req_id, _, _ in work]
+        for command, n in ok.items():
+            self.counters[f"ok.{command}"] += n
+        return out
+
+    def _run_local(self, ident: bytes, req_id: int, command: str, args: dict[str, Any]) -> None:
+        """Commands the IPC layer answers itself: streams and node information."""
+        try:
+            if command == "stream.subscribe":
+                result = self.streams.subscribe(ident, req_id, args)
+                self._send(ident, encode_reply(req_id, OK, result))
+                self.streams.pump(self.streams.subs[result["sub"]])
+                return
+            if command == "stream.ack":
+                result = self.streams.ack(ident, args)
+            elif command == "stream.close":
+                result = self.streams.close(ident, args)
+            elif command == "node.info":
+                result = self.node_info()
+            else:                                   # validate_args knows it, we do not
+                raise MeshError(f"command {command!r} is not served here")
+            self._send(ident, encode_reply(req_id, OK, result))
+        except MeshError as exc:
+            self.counters[f"error.{exc.code}"] += 1
+            self._send(ident, encode_error(req_id, exc.code, str(exc)))
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _send(self, ident: bytes, frame: bytes) -> bool:
+        raw = self._raw
+        if raw is None:
+            return False
+        try:
+            raw.send_multipart([ident, frame], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.counters["dropped.client_queue_full"] += 1
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                self.counters["dropped.client_gone"] += 1
+                self.streams.forget_client(ident)
+            else:
+                self.counters["dropped.send_error"] += 1
+                log.warning("send to a client failed: %s", exc)
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters), "subscriptions": len(self.streams.subs),
+                "pushed": self.streams.pushed,
+                "dropped_subscriptions": self.streams.dropped_subscriptions}

@@ -1,0 +1,147 @@
+"""Live push of incoming messages to subscribed clients, resumable from a cursor.
+
+A subscription follows one session's inbox (cursor = the inbox's per-session sequence) or
+the node-wide message log. Events go out on the subscribe request's req_id. At most
+`window` events are in flight beyond the client's last ack, so a slow client is never
+flooded and ZeroMQ never has to drop a frame; when a client falls behind, the rest is
+read back from the store once it acks. Subscriptions that neither ack nor renew within
+`idle_timeout` are dropped (the client resubscribes from its cursor when it returns).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from meshd.errors import InvalidArgument, NotFound
+from meshd.state import messages
+from meshd.state.store import Store
+from meshd.wire.ipc import EVENT, encode_reply
+
+log = logging.getLogger("meshd.ipc.streams")
+
+#: send(identity, frame) -> True if queued, False if the client is gone or its queue is full.
+SendFn = Callable[[bytes, bytes], bool]
+
+
+@dataclass(slots=True, eq=False)
+class Subscription:
+    sub_id: int
+    ident: bytes
+    req_id: int
+    session_id: str | None
+    types: frozenset[str]
+    window: int
+    sent: int            # highest seq pushed (or skipped by the type filter)
+    acked: int           # highest seq the client confirmed
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Streams:
+    """All live subscriptions of one daemon."""
+
+    def __init__(self, store: Store, send: SendFn, window: int, idle_timeout: float) -> None:
+        self.store = store
+        self.send = send
+        self.window = window
+        self.idle_timeout = idle_timeout
+        self.subs: dict[int, Subscription] = {}
+        self.by_key: dict[str | None, set[Subscription]] = {}
+        self._ids = itertools.count(1)
+        self.pushed = 0
+        self.dropped_subscriptions = 0
+
+    def subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        session_id = args["session_id"]
+        head = messages.head(self.store, session_id)
+        start = head if args["cursor"] is None else args["cursor"]
+        if start > head:
+            raise InvalidArgument(f"cursor {start} is ahead of the stream head {head}")
+        window = min(args["window"] or self.window, self.window * 16)
+        sub = Subscription(next(self._ids), ident, req_id, session_id,
+                           frozenset(args["types"] or ()), max(1, window), start, start)
+        self.subs[sub.sub_id] = sub
+        self.by_key.setdefault(session_id, set()).add(sub)
+        return {"sub": sub.sub_id, "cursor": start, "head": head}
+
+    def _get(self, ident: bytes, sub_id: int) -> Subscription:
+        sub = self.subs.get(sub_id)
+        if sub is None or sub.ident != ident:
+            raise NotFound(f"no subscription {sub_id} (expired or closed); subscribe again")
+        return sub
+
+    def ack(self, ident: bytes, args: dict[str, Any]) -> dict[str, Any]:
+        sub = self._get(ident, args["sub"])
+        sub.acked = max(sub.acked, min(args["cursor"], sub.sent))
+        sub.last_seen = time.monotonic()
+        self.pump(sub)
+        return {"sub": sub.sub_id, "acked": sub.acked}
+
+    def close(self, ident: bytes, args: dict[str, Any]) -> bool:
+        sub = self._get(ident, args["sub"])
+        self._drop(sub)
+        return True
+
+    def _drop(self, sub: Subscription) -> None:
+        self.subs.pop(sub.sub_id, None)
+        group = self.by_key.get(sub.session_id)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self.by_key[sub.session_id]
+
+    def _push(self, sub: Subscription, seq: int, message: dict[str, Any]) -> bool:
+        frame = encode_reply(sub.req_id, EVENT, {"sub": sub.sub_id, "seq": seq, "message": message})
+        if not self.send(sub.ident, frame):
+            return False
+        sub.sent = seq
+        self.pushed += 1
+        return True
+
+    def publish(self, events: list[tuple[str | None, int, dict[str, Any]]]) -> None:
+        """Push events just committed; subscribers that are behind catch up from the store."""
+        behind: set[Subscription] = set()
+        for key, seq, message in events:
+            for sub in list(self.by_key.get(key, ())):
+                if sub in behind or sub.sub_id not in self.subs:
+                    continue
+                if sub.sent != seq - 1 or sub.sent - sub.acked >= sub.window:
+                    behind.add(sub)
+                elif sub.types and message["type"] not in sub.types:
+                    sub.sent = seq
+                elif not self._push(sub, seq, message):
+                    behind.add(sub)
+        for sub in behind:
+            self.pump(sub)
+
+    def pump(self, sub: Subscription) -> None:
+        """Send what the subscriber lacks, from the store, up to its window."""
+        for _ in range(1000):                    # bounded: each round moves the cursor forward
+            room = sub.window - (sub.sent - sub.acked)
+            if room <= 0 or sub.sub_id not in self.subs:
+                return
+            rows = messages.after(self.store, sub.session_id, sub.sent, room, sorted(sub.types))
+            if not rows:
+                if sub.types:                   # skip past filtered-out events
+                    sub.sent = max(sub.sent, messages.head(self.store, sub.session_id))
+                return
+            for seq, message in rows:
+                if not self._push(sub, seq, message):
+                    return
+
+    def expire(self) -> int:
+        """Drop subscriptions whose client has gone quiet for too long."""
+        cutoff = time.monotonic() - self.idle_timeout
+        stale = [s for s in self.subs.values() if s.last_seen < cutoff]
+        for sub in stale:
+            self._drop(sub)
+        self.dropped_subscriptions += len(stale)
+        return len(stale)
+
+    def forget_client(self, ident: bytes) -> None:
+        for sub in [s for s in self.subs.values() if s.ident == ident]:
+            self._drop(sub)
+            self.dropped_subscriptions += 1

@@ -1,0 +1,71 @@
+"""The `meshd` command: builds a Config from flags and MESHD_* variables, sets up
+journald-friendly logging, and runs the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import click
+
+from meshd import __version__
+from meshd.config import DURABILITY_MODES, Config, default_data_dir, default_socket_path
+from meshd.errors import MeshError
+
+
+def _setup_logging(level: str) -> None:
+    # Under journald (JOURNAL_STREAM set) the journal stamps each line itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=fmt)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", envvar="MESHD_SOCKET", default=None,
+              help="Local API socket path [env MESHD_SOCKET].")
+@click.option("--data-dir", envvar="MESHD_DATA_DIR", default=None,
+              help="Directory for the database and node id [env MESHD_DATA_DIR].")
+@click.option("--system", is_flag=True,
+              help="Use the system service's paths (/run/meshd, /var/lib/meshd) and a "
+                   "group-accessible socket (0660).")
+@click.option("--durability", type=click.Choice(DURABILITY_MODES), default="process",
+              envvar="MESHD_DURABILITY", show_default=True,
+              help="process: acknowledged writes survive kill -9; fsync: also power loss.")
+@click.option("--max-frame", "max_frame", type=click.IntRange(1024, 64 * 1024 * 1024),
+              default=None, help="Largest request in bytes (default 1 MiB).")
+@click.option("--preset", type=click.Choice(["lan", "test"]), default="lan", show_default=True,
+              help="Timing preset; 'test' shortens timers for test clusters.")
+@click.option("--log-level", envvar="MESHD_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.version_option(__version__, prog_name="meshd")
+def main(socket_path: str | None, data_dir: str | None, system: bool, durability: str,
+         max_frame: int | None, preset: str, log_level: str) -> None:
+    """Run the meshd daemon in the foreground."""
+    from meshd.daemon import serve
+
+    _setup_logging(log_level)
+    base = Config.test() if preset == "test" else Config.lan()
+    overrides: dict[str, object] = {
+        "socket_path": socket_path or default_socket_path(system=system),
+        "data_dir": data_dir or default_data_dir(system=system),
+        "durability": durability,
+    }
+    if system:
+        overrides["socket_mode"] = 0o660
+    if max_frame is not None:
+        overrides["max_frame_bytes"] = max_frame
+    config = base.with_(**overrides)
+    try:
+        asyncio.run(serve(config))
+    except MeshError as exc:
+        logging.getLogger("meshd").error("%s", exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

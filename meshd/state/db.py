@@ -1,0 +1,198 @@
+"""Opening the SQLite database: pragmas, schema and its version.
+
+Every replicated row (sessions, memory, deletions) carries `origin` (the node that made
+the change), `version` (that node's change counter, which only grows) and `hlc` (hybrid
+logical clock stamp). Replication ships, per origin, the rows with a version above what
+the peer has, and merging compares (hlc, origin), so the tables are indexed on
+(origin, version). Messages are routed rather than replicated: they are stored once by
+`message_id`, with a node-local `seq` for streams, and listed per recipient in `inbox`
+with a per-session sequence number.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+from meshd.errors import StoreError
+
+log = logging.getLogger("meshd.state")
+
+SCHEMA_VERSION = 1
+DB_NAME = "meshd.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id   TEXT PRIMARY KEY,
+    agent_name   TEXT NOT NULL,
+    agent_type   TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    started_at   TEXT NOT NULL,
+    last_ping    REAL NOT NULL,          -- epoch seconds; staleness is computed on read
+    human_user   TEXT,
+    location     TEXT,
+    capabilities BLOB NOT NULL,          -- msgpack list
+    current_task TEXT,
+    metadata     BLOB NOT NULL,          -- msgpack map
+    host         TEXT NOT NULL,          -- node id of the daemon the session registered through
+    deleted      INTEGER NOT NULL DEFAULT 0,  -- tombstone (clear_offline), kept for replication
+    origin       TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    hlc          INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_origin ON sessions(origin, version);
+CREATE INDEX IF NOT EXISTS sessions_host ON sessions(host);
+CREATE TABLE IF NOT EXISTS session_caps (
+    capability TEXT NOT NULL, session_id TEXT NOT NULL, PRIMARY KEY (capability, session_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS session_caps_session ON session_caps(session_id);
+
+CREATE TABLE IF NOT EXISTS memory (
+    entry_id   TEXT PRIMARY KEY,
+    key        TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    value      BLOB NOT NULL,            -- msgpack
+    session_id TEXT NOT NULL,
+    timestamp  TEXT NOT NULL,
+    ttl        REAL,
+    expires_ms INTEGER,                  -- physical(hlc) + ttl: the same instant on every node
+    tags       BLOB NOT NULL,
+    metadata   BLOB NOT NULL,
+    origin     TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    hlc        INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS memory_key ON memory(key, hlc);
+CREATE INDEX IF NOT EXISTS memory_session ON memory(session_id, hlc);
+CREATE INDEX IF NOT EXISTS memory_origin ON memory(origin, version);
+CREATE INDEX IF NOT EXISTS memory_expiry ON memory(expires_ms) WHERE expires_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS memory_tags (
+    tag TEXT NOT NULL, entry_id TEXT NOT NULL, hlc INTEGER NOT NULL, PRIMARY KEY (tag, entry_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS memory_tags_entry ON memory_tags(entry_id);
+
+-- A deletion removes every entry of `key` (all keys when NULL) written by `session_id`
+-- (any session when NULL) with an hlc at or below its own: entries that arrive later from
+-- a peer are checked against it, so a delete is never undone by replication order.
+CREATE TABLE IF NOT EXISTS deletions (
+    origin     TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    hlc        INTEGER NOT NULL,
+    key        TEXT,
+    session_id TEXT,
+    PRIMARY KEY (origin, version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deletions_key ON deletions(key, hlc);
+
+CREATE TABLE IF NOT EXISTS messages (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,   -- node-local arrival order
+    message_id   TEXT NOT NULL UNIQUE,
+    type         TEXT NOT NULL,
+    from_session TEXT NOT NULL,
+    to_session   TEXT,
+    subject      TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    data         BLOB NOT NULL,
+    timestamp    TEXT NOT NULL,
+    in_reply_to  TEXT,
+    origin       TEXT NOT NULL,
+    hlc          INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_reply ON messages(in_reply_to);
+CREATE TABLE IF NOT EXISTS inbox (
+    session_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,            -- per-session, only grows: the stream cursor
+    message_id TEXT NOT NULL,
+    read       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_message ON inbox(session_id, message_id);
+CREATE TABLE IF NOT EXISTS inbox_heads (session_id TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+def connect(data_dir: str | Path, durability: str = "process",
+            auto_checkpoint: bool = True) -> sqlite3.Connection:
+    """Open (creating if needed) the database in `data_dir`, in WAL mode.
+
+    "process" durability uses synchronous=NORMAL: a committed transaction is in the WAL
+    file (in the OS) before we answer, so kill -9 loses nothing; "fsync" uses FULL so a
+    power cut loses nothing either. With auto_checkpoint off, the caller runs a
+    `Checkpointer` so that copying the WAL back into the database (and its fsync) happens
+    in a background thread instead of inside some unlucky client's commit.
+    """
+    path = Path(data_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = sqlite3.connect(str(path / DB_NAME), isolation_level=None,
+                               check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        if not auto_checkpoint:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path / DB_NAME} has schema {version}, newer than this meshd "
+                             f"({SCHEMA_VERSION}); upgrade meshd")
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            _run_script(conn, SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        return conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the database in {path}: {exc}") from exc
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """executescript() would COMMIT our transaction first; run statements one by one."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            conn.execute(buf)
+            buf = ""
+
+
+class Checkpointer:
+    """Checkpoints the WAL from its own connection in one background thread.
+
+    A PASSIVE checkpoint never blocks the writer, so commits stay cheap; when the WAL has
+    grown large we ask for a TRUNCATE, which succeeds once no reader holds old pages.
+    """
+
+    TRUNCATE_ABOVE = 64 * 1024 * 1024      # bytes of WAL
+
+    def __init__(self, data_dir: str | Path, interval: float = 1.0) -> None:
+        self.path = Path(data_dir) / DB_NAME
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshd-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                               timeout=5.0)
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    wal = self.path.with_name(DB_NAME + "-wal")
+                    big = wal.exists() and wal.stat().st_size > self.TRUNCATE_ABOVE
+                    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})")
+                except (sqlite3.Error, OSError) as exc:
+                    log.warning("checkpoint failed: %s", exc)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("final checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)

@@ -1,0 +1,169 @@
+"""Shared memory: an entry per set, range deletions, TTL, and indexed reads.
+
+Every `set` adds an immutable entry. A `delete`/`clear` writes a deletion record that
+removes the covered entries with an hlc at or below its own (and rejects such entries if
+they arrive later from a peer). An entry with a ttl expires at physical(hlc) + ttl, the
+same instant on every node; reads hide it at once and `purge_expired` removes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from meshd.state.hlc import physical_ms
+from meshd.wire.schema import MemoryType
+
+if TYPE_CHECKING:
+    from meshd.state.store import Store
+
+_COLS = "m.entry_id, m.type, m.key, m.value, m.session_id, m.timestamp, m.ttl, m.tags, m.metadata"
+_LIVE = "(m.expires_ms IS NULL OR m.expires_ms > ?)"
+_NEWEST = "ORDER BY m.hlc DESC, m.entry_id DESC"
+
+
+def _pack(v: Any) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+def _unpack(b: bytes) -> Any:
+    return msgpack.unpackb(b, raw=False)
+
+
+def _row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {"entry_id": r[0], "type": r[1], "key": r[2], "value": _unpack(r[3]),
+            "session_id": r[4], "timestamp": r[5], "ttl": r[6], "tags": _unpack(r[7]),
+            "metadata": _unpack(r[8])}
+
+
+def _now_ms(store: "Store") -> int:
+    return int(store.now() * 1000)
+
+
+def _query(store: "Store", where: str, params: tuple[Any, ...], tail: str = _NEWEST,
+           join: str = "") -> list[dict[str, Any]]:
+    sql = f"SELECT {_COLS} FROM memory m {join} WHERE {_LIVE} AND {where} {tail}"
+    return [_row(r) for r in store.conn.execute(sql, (_now_ms(store), *params))]
+
+
+def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
+    """Add an entry. Idempotent on entry_id, so a client may safely retry a set."""
+    e = a["entry"]
+    version, hlc = store.stamp()
+    expires = None if e["ttl"] is None else physical_ms(hlc) + int(e["ttl"] * 1000)
+    cur = store.conn.execute(
+        "INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp, ttl, expires_ms,"
+        " tags, metadata, origin, version, hlc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (e["entry_id"], e["key"], e["type"], _pack(e["value"]), e["session_id"], e["timestamp"],
+         e["ttl"], expires, _pack(e["tags"]), _pack(e["metadata"]), store.node_id, version, hlc))
+    if cur.rowcount == 0:               # a retry of a set we already stored
+        store.version -= 1
+        row = store.conn.execute(f"SELECT {_COLS} FROM memory m WHERE m.entry_id = ?",
+                                 (e["entry_id"],)).fetchone()
+        if row is None:                 # stored, then deleted or expired: nothing to add back
+            return e
+        return _row(row)
+    if e["tags"]:
+        store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
+                               [(t, e["entry_id"], hlc) for t in e["tags"]])
+    return e
+
+
+def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:
+    rows = _query(store, "m.key = ?", (a["key"],), _NEWEST + " LIMIT 1")
+    return rows[0] if rows else None
+
+
+def get_all(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
+    return _query(store, "m.key = ?", (a["key"],))
+
+
+def _glob(pattern: str) -> str:
+    """fnmatch's `[!x]` is GLOB's `[^x]`; the rest (`*`, `?`, `[...]`) is the same."""
+    return pattern.replace("[!", "[^")
+
+
+def search(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
+    return _query(store, "m.key GLOB ?", (_glob(a["pattern"]),))
+
+
+def by_tags(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
+    tags = list(dict.fromkeys(a["tags"]))
+    if not tags:
+        return []
+    marks = ",".join("?" * len(tags))
+    having = f"HAVING COUNT(*) = {len(tags)}" if a["match_all"] else ""
+    where = (f"m.entry_id IN (SELECT entry_id FROM memory_tags WHERE tag IN ({marks}) "
+             f"GROUP BY entry_id {having})")
+    return _query(store, where, tuple(tags))
+
+
+def by_session(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
+    return _query(store, "m.session_id = ?", (a["session_id"],))
+
+
+def _delete(store: "Store", key: str | None, session_id: str | None) -> int:
+    version, hlc = store.stamp()
+    store.conn.execute("INSERT INTO deletions (origin, version, hlc, key, session_id) "
+                       "VALUES (?, ?, ?, ?, ?)", (store.node_id, version, hlc, key, session_id))
+    return remove_covered(store, key, session_id, hlc)
+
+
+def remove_covered(store: "Store", key: str | None, session_id: str | None, hlc: int) -> int:
+    """Remove the live entries a deletion covers; returns how many were visible."""
+    where, params = ["hlc <= ?"], [hlc]
+    if key is not None:
+        where.append("key = ?")
+        params.append(key)
+    if session_id is not None:
+        where.append("session_id = ?")
+        params.append(session_id)
+    cond = " AND ".join(where)
+    store.conn.execute(f"DELETE FROM memory_tags WHERE entry_id IN "
+                       f"(SELECT entry_id FROM memory WHERE {cond})", params)
+    live = store.conn.execute(
+        f"SELECT COUNT(*) FROM memory WHERE {cond} AND (expires_ms IS NULL OR expires_ms > ?)",
+        (*params, _now_ms(store))).fetchone()[0]
+    store.conn.execute(f"DELETE FROM memory WHERE {cond}", params)
+    return int(live)
+
+
+def delete(store: "Store", a: dict[str, Any]) -> int:
+    return _delete(store, a["key"], a["session_id"])
+
+
+def clear(store: "Store", a: dict[str, Any]) -> int:
+    return _delete(store, None, a["session_id"])
+
+
+def stats(store: "Store", a: dict[str, Any] | None = None) -> dict[str, Any]:
+    now = _now_ms(store)
+    live = f"FROM memory m WHERE {_LIVE}"
+    c = store.conn
+    by_type = {t.value: 0 for t in MemoryType}
+    for t, n in c.execute(f"SELECT type, COUNT(*) {live} GROUP BY type", (now,)):
+        by_type[t] = n
+    return {
+        "total_entries": sum(by_type.values()),
+        "by_type": by_type,
+        "unique_keys": c.execute(f"SELECT COUNT(DISTINCT key) {live}", (now,)).fetchone()[0],
+        "unique_sessions": c.execute(f"SELECT COUNT(DISTINCT session_id) {live}",
+                                     (now,)).fetchone()[0],
+        "unique_tags": c.execute(
+            f"SELECT COUNT(DISTINCT t.tag) FROM memory_tags t JOIN memory m USING (entry_id) "
+            f"WHERE {_LIVE}", (now,)).fetchone()[0],
+    }
+
+
+def purge_expired(store: "Store", limit: int = 10_000) -> int:
+    """Drop entries whose ttl has passed. No tombstone is needed: every node computes the
+    same expiry instant from the entry itself."""
+    now = _now_ms(store)
+    ids = [r[0] for r in store.conn.execute(
+        "SELECT entry_id FROM memory WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?",
+        (now, limit))]
+    if ids:
+        store.conn.executemany("DELETE FROM memory_tags WHERE entry_id = ?", [(i,) for i in ids])
+        store.conn.executemany("DELETE FROM memory WHERE entry_id = ?", [(i,) for i in ids])
+    return len(ids)

@@ -1,0 +1,179 @@
+"""The Store: one SQLite database, its node identity, its clocks, and transactions.
+
+Writers go through `write()` (one transaction, BEGIN IMMEDIATE) and, inside it,
+`savepoint()` per request, so the daemon can apply a whole batch of client requests in
+one commit (group commit) while a failing request undoes only itself. Every change to a
+replicated row takes a `stamp()`: the next version of this node's counter and a fresh
+HLC stamp. In shared mode (the SDK's directory mode, several processes on one file) the
+counters are re-read at the start of every write transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from meshd.errors import StoreError
+from meshd.state import commands, db
+from meshd.state.hlc import HLC
+
+#: A stream event produced by a write: (session_id or None for the node-wide log, seq, message)
+Event = tuple[str | None, int, dict[str, Any]]
+
+
+class Store:
+    """The node's durable state. Not thread-safe by itself: `lock` serialises users that
+    share one Store across threads (the SDK); the daemon uses it from its loop only."""
+
+    def __init__(self, data_dir: str | Path, *, durability: str = "process", shared: bool = False,
+                 stale_after: float = 300.0, wall: Callable[[], float] = time.time,
+                 background_checkpoint: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        self.shared = shared
+        self.stale_after = stale_after
+        self.wall = wall
+        self.lock = threading.RLock()
+        self.pid = os.getpid()          # a forked child must open its own connection
+        self.conn = db.connect(self.data_dir, durability,
+                               auto_checkpoint=not background_checkpoint)
+        self._checkpointer = db.Checkpointer(self.data_dir) if background_checkpoint else None
+        self.hlc = HLC(0, wall)
+        self.version = 0
+        self.events: list[Event] = []
+        self._in_tx = False
+        self._loaded = False
+        self.node_id = self._load_identity()
+
+    # --- identity and counters --------------------------------------------------------------
+
+    def _load_identity(self) -> str:
+        with self.write():
+            row = self.conn.execute("SELECT v FROM meta WHERE k='node_id'").fetchone()
+            if row is None:
+                node_id = uuid.uuid4().hex
+                self.conn.execute("INSERT INTO meta(k, v) VALUES ('node_id', ?)", (node_id,))
+            else:
+                node_id = row[0]
+        return node_id
+
+    def _load_counters(self) -> None:
+        rows = dict(self.conn.execute(
+            "SELECT k, v FROM meta WHERE k IN ('version', 'clock')").fetchall())
+        self.version = max(self.version, int(rows.get("version", 0)))
+        self.hlc.last = max(self.hlc.last, int(rows.get("clock", 0)))
+        self._loaded = True
+
+    def _save_counters(self) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('version', ?), ('clock', ?)",
+                          (self.version, self.hlc.last))
+
+    def stamp(self) -> tuple[int, int]:
+        """The (version, hlc) for the next change made by this node."""
+        self.version += 1
+        return self.version, self.hlc.now()
+
+    def now(self) -> float:
+        return self.wall()
+
+    # --- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """One write transaction; commits on success, rolls back (counters too) on error."""
+        with self.lock:
+            if self._in_tx:
+                yield
+                return
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot begin a transaction: {exc}") from exc
+            self._in_tx = True
+            saved = (self.version, self.hlc.last, len(self.events))
+            try:
+                if self.shared or not self._loaded:
+                    self._load_counters()
+                yield
+                if (self.version, self.hlc.last) != saved[:2]:
+                    self._save_counters()
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback(saved)
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"database error: {exc}") from exc
+                raise
+            finally:
+                self._in_tx = False
+
+    def _rollback(self, saved: tuple[int, int, int]) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self.version, self.hlc.last = saved[0], max(self.hlc.last, saved[1])
+        del self.events[saved[2]:]
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside write(): undo only this block when it raises."""
+        saved = (self.version, self.hlc.last, len(self.events))
+        self.conn.execute("SAVEPOINT req")
+        try:
+            yield
+        except BaseException as exc:
+            self.conn.execute("ROLLBACK TO req")
+            self.conn.execute("RELEASE req")
+            self.version = saved[0]
+            del self.events[saved[2]:]
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"database error: {exc}") from exc
+            raise
+        else:
+            self.conn.execute("RELEASE req")
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        """A consistent snapshot for a group of reads (no lock on other writers)."""
+        with self.lock:
+            if self._in_tx:
+                yield
+                return
+            self.conn.execute("BEGIN")
+            self._in_tx = True
+            try:
+                yield
+            finally:
+                self._in_tx = False
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error:
+                    pass
+
+    def execute(self, command: str, args: dict[str, Any]) -> Any:
+        """Run one validated command in its own transaction (the SDK's directory mode)."""
+        if command in commands.READ_ONLY:
+            with self.read():
+                return commands.run(self, command, args)
+        with self.write():
+            return commands.run(self, command, args)
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+        with self.lock:
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
+

@@ -1,0 +1,191 @@
+"""The local API protocol between the SDK/CLI and the daemon (ZeroMQ DEALER -> ROUTER).
+
+Every frame is one msgpack array.
+
+Request (client -> daemon)::
+
+    [version: int, req_id: int, command: str, args: map]
+
+Reply (daemon -> client), echoing req_id::
+
+    [req_id, OK,    result]                     # result: any value, per command
+    [req_id, ERROR, {"code": str, "message": str}]
+    [req_id, EVENT, {"sub": int, "seq": int, "message": map}]   # live stream push
+
+A frame that cannot be parsed far enough to read its req_id is answered with req_id nil.
+Error codes are the `code` attributes of `meshd.errors` (invalid_argument, not_found,
+too_large, bad_request, unsupported_version, unknown_command, ...).
+
+Live streams (`stream.subscribe`): the daemon pushes EVENT frames on the subscribe
+request's req_id, each carrying the per-session inbox sequence number `seq` (or the
+node-wide message sequence when no session is given). At most `window` events are pushed
+beyond the last `stream.ack`ed cursor, so a slow client is never flooded and never loses
+frames to a full queue; a subscription with no ack for `stream_idle_timeout` is closed.
+A client that reconnects (or whose daemon restarted) subscribes again with its last
+cursor and receives exactly the events after it: nothing missed, nothing twice.
+
+Commands and their arguments are listed in COMMANDS below; the validators run in the SDK
+before sending and again in the daemon on receipt.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from meshd.errors import InvalidArgument, ProtocolError, UnknownCommand, UnsupportedVersion
+from meshd.wire import schema as s
+from meshd.wire.codec import pack, unpack
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+OK, ERROR, EVENT = 0, 1, 2
+
+_REQUIRED = object()
+_ABSENT = object()     # optional argument that is left out of the result when not given
+
+Validator = Callable[[Any], dict[str, Any]]
+
+
+def _spec(**fields: tuple[Callable[..., Any], Any]) -> Validator:
+    """Build an argument validator: each field is (check(value, name), default)."""
+
+    def validate(args: Any) -> dict[str, Any]:
+        if not isinstance(args, dict):
+            raise InvalidArgument("args must be a map")
+        unknown = [k for k in args if k not in fields]
+        if unknown:
+            raise InvalidArgument(f"unknown argument(s): {', '.join(map(str, unknown))}")
+        out: dict[str, Any] = {}
+        for name, (check, default) in fields.items():
+            if name in args:
+                out[name] = check(args[name], name)
+            elif default is _REQUIRED:
+                raise InvalidArgument(f"missing argument: {name}")
+            elif default is not _ABSENT:
+                out[name] = check(default, name)
+        return out
+
+    return validate
+
+
+def _status(v: Any, f: str) -> str:
+    return s.enum_value(v, s.SessionStatus, f)
+
+
+def _opt_status(v: Any, f: str) -> str | None:
+    return s.opt_enum(v, s.SessionStatus, f)
+
+
+def _opt_msgtype(v: Any, f: str) -> str | None:
+    return s.opt_enum(v, s.MessageType, f)
+
+
+def _msgtypes(v: Any, f: str) -> list[str]:
+    return [s.enum_value(x, s.MessageType, f) for x in s.str_list(v, f)]
+
+
+def _opt_count(v: Any, f: str) -> int | None:
+    return None if v is None else s.count(v, f)
+
+
+def _record(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, str], dict[str, Any]]:
+    return lambda v, f: fn(v)
+
+
+R = _REQUIRED
+SID = (s.ident, R)
+
+COMMANDS: dict[str, Validator] = {
+    # registry
+    "session.register": _spec(session_id=SID, agent_name=(s.text, R), agent_type=(s.text, R),
+                              human_user=(s.opt_text, None), capabilities=(s.str_list, None),
+                              metadata=(s.mapping, None), location=(s.opt_text, None)),
+    "session.unregister": _spec(session_id=SID),
+    "session.ping": _spec(session_id=SID),
+    "session.get": _spec(session_id=SID),
+    "session.update_status": _spec(session_id=SID, status=(_status, R),
+                                   current_task=(s.opt_text, _ABSENT)),
+    "session.list": _spec(include_offline=(s.boolean, False)),
+    "session.find": _spec(status=(_opt_status, None), agent_type=(s.opt_text, None),
+                          human_user=(s.opt_text, None), capability=(s.opt_text, None)),
+    "session.stats": _spec(),
+    "session.clear_offline": _spec(),
+    # messages
+    "message.send": _spec(message=(_record(s.message_record), R)),
+    "message.list": _spec(session_id=SID, include_broadcasts=(s.boolean, True),
+                          message_type=(_opt_msgtype, None), unread_only=(s.boolean, False)),
+    "message.conversation": _spec(message_id=(s.ident, R)),
+    "message.mark_read": _spec(session_id=SID, message_ids=(s.str_list, None)),
+    "message.stats": _spec(),
+    # shared memory
+    "memory.set": _spec(entry=(_record(s.entry_record), R)),
+    "memory.get": _spec(key=(s.key, R)),
+    "memory.get_all": _spec(key=(s.key, R)),
+    "memory.search": _spec(pattern=(s.key, R)),
+    "memory.by_tags": _spec(tags=(s.str_list, R), match_all=(s.boolean, False)),
+    "memory.by_session": _spec(session_id=SID),
+    "memory.delete": _spec(key=(s.key, R), session_id=(s.opt_ident, None)),
+    "memory.clear": _spec(session_id=(s.opt_ident, None)),
+    "memory.stats": _spec(),
+    # the daemon itself
+    "node.info": _spec(),
+    # live streams (served by the IPC layer, not the store)
+    "stream.subscribe": _spec(session_id=(s.opt_ident, None), cursor=(_opt_count, None),
+                              types=(_msgtypes, None), window=(_opt_count, None)),
+    "stream.ack": _spec(sub=(s.count, R), cursor=(s.count, R)),
+    "stream.close": _spec(sub=(s.count, R)),
+}
+
+
+def validate_args(command: str, args: Any) -> dict[str, Any]:
+    """Check a command's arguments; raises UnknownCommand or InvalidArgument."""
+    validator = COMMANDS.get(command)
+    if validator is None:
+        raise UnknownCommand(f"unknown command {command!r}")
+    return validator(args)
+
+
+def encode_request(req_id: int, command: str, args: dict[str, Any],
+                   version: int = PROTOCOL_VERSION) -> bytes:
+    return pack([version, req_id, command, args])
+
+
+def decode_request(frame: bytes, max_bytes: int) -> tuple[int, str, Any]:
+    """Parse a request frame down to (req_id, command, raw args).
+
+    Raises ProtocolError (with `.req_id` set when it could be read) for anything else.
+    """
+    msg = unpack(frame, max_bytes)
+    if not isinstance(msg, list) or len(msg) != 4:
+        raise ProtocolError("request must be [version, req_id, command, args]")
+    version, req_id, command, args = msg
+    if isinstance(req_id, bool) or not isinstance(req_id, int) or not 0 <= req_id < 2**63:
+        raise ProtocolError("req_id must be a non-negative 64-bit integer")
+    err: ProtocolError | None = None
+    if isinstance(version, bool) or not isinstance(version, int):
+        err = ProtocolError("version must be an integer")
+    elif version not in SUPPORTED_VERSIONS:
+        err = UnsupportedVersion(f"protocol version {version} is not supported "
+                                 f"(this daemon speaks {sorted(SUPPORTED_VERSIONS)})")
+    elif not isinstance(command, str):
+        err = ProtocolError("command must be a string")
+    if err is not None:
+        err.req_id = req_id  # type: ignore[attr-defined]
+        raise err
+    return req_id, command, args
+
+
+def encode_reply(req_id: int | None, kind: int, body: Any) -> bytes:
+    return pack([req_id, kind, body])
+
+
+def encode_error(req_id: int | None, code: str, message: str) -> bytes:
+    return pack([req_id, ERROR, {"code": code, "message": message}])
+
+
+def decode_reply(frame: bytes, max_bytes: int) -> tuple[int | None, int, Any]:
+    msg = unpack(frame, max_bytes)
+    if not isinstance(msg, list) or len(msg) != 3 or msg[1] not in (OK, ERROR, EVENT):
+        raise ProtocolError("reply must be [req_id, kind, body]")
+    return msg[0], msg[1], msg[2]

@@ -1,0 +1,29 @@
+"""sessions: the Python SDK of meshd.
+
+    from sessions import SessionRegistry, CollaborationHub, SharedMemory
+
+With no argument each class talks to this host's meshd; with a directory it works in that
+directory with no daemon. `sessions.aio` has the same calls for asyncio.
+"""
+
+from sessions.collaboration import CollaborationHub
+from sessions.errors import (
+    DaemonUnavailable,
+    InvalidArgument,
+    NotFound,
+    SessionNotFound,
+    SessionsError,
+    Timeout,
+    TooLarge,
+)
+from sessions.memory import SharedMemory
+from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
+from sessions.registry import SessionRegistry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SessionRegistry", "SessionStatus", "Session", "CollaborationHub", "MessageType", "Message",
+    "SharedMemory", "MemoryType", "MemoryEntry", "SessionsError", "DaemonUnavailable",
+    "InvalidArgument", "NotFound", "SessionNotFound", "Timeout", "TooLarge",
+]

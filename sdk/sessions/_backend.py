@@ -1,0 +1,69 @@
+"""Where an API object's calls go: this host's daemon (no path given) or a directory of
+its own (a path given), which works with no daemon at all and is shared by every process
+and object that uses the same directory."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from meshd.errors import InvalidArgument
+from meshd.state.store import Store
+from meshd.wire.ipc import validate_args
+from sessions._client import Client, shared_client
+from sessions._ops import Op
+
+_stores: dict[str, Store] = {}
+_stores_lock = threading.Lock()
+
+
+def directory_store(directory: str | os.PathLike[str]) -> Store:
+    """One Store per directory per process; SQLite's locking shares it across processes."""
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidArgument(f"{path} is a file; the sessions API wants a directory")
+    key = str(path.resolve())
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None or store.pid != os.getpid():
+            store = _stores[key] = Store(key, shared=True)
+        return store
+
+
+class DaemonBackend:
+    """Calls go to the daemon over its local socket."""
+
+    def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
+        self.client: Client = shared_client(socket, timeout)
+        self.directory: str | None = None
+
+    def run(self, op: Op) -> Any:
+        args = validate_args(op.command, op.args)        # bad input fails before sending
+        return op.convert(self.client.call(op.command, args))
+
+
+class DirectoryBackend:
+    """Calls run against a database in a directory, in this process."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.store = directory_store(directory)
+        self.directory = str(self.store.data_dir)
+
+    def run(self, op: Op) -> Any:
+        args = validate_args(op.command, op.args)
+        if op.command == "node.info":
+            return op.convert({"node_id": self.store.node_id, "data_dir": self.directory,
+                               "mode": "directory"})
+        return op.convert(self.store.execute(op.command, args))
+
+
+Backend = DaemonBackend | DirectoryBackend
+
+
+def backend_for(path: str | os.PathLike[str] | None, socket: str | None = None,
+                timeout: float | None = None) -> Backend:
+    if path is not None:
+        return DirectoryBackend(path)
+    return DaemonBackend(socket, timeout)

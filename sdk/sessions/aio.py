@@ -1,0 +1,231 @@
+"""The same API for asyncio: `AsyncSessionRegistry`, `AsyncCollaborationHub`,
+`AsyncSharedMemory`. Every method is a coroutine with the blocking version's signature.
+
+Against the daemon, calls from one event loop share one DEALER socket and may be in
+flight together (e.g. `asyncio.gather`), which pipelines them; each still has its own
+deadline. With a directory, calls run against the store directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from meshd.errors import DaemonUnavailable, MeshError, Timeout, TooLarge
+from meshd.wire.ipc import ERROR, OK, decode_reply, encode_request, validate_args
+from sessions import _ops as ops
+from sessions._backend import directory_store
+from sessions._client import (
+    MAX_REPLY_BYTES, check_listening, default_timeout, raise_error, resolve_socket,
+)
+from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
+from meshd.config import Config
+
+__all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory"]
+
+
+class AsyncClient:
+    """One asyncio connection to the daemon; bound to the loop that first uses it."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
+        self.path = resolve_socket(socket_path)
+        self.timeout = default_timeout() if timeout is None else float(timeout)
+        self.max_frame_bytes = Config().max_frame_bytes
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+
+    def _ensure(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            check_listening(self.path)
+            self._ctx = zmq.asyncio.Context()
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(f"ipc://{self.path}")
+            self._sock = sock
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self._sock
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            frame = await self._sock.recv()
+            try:
+                rid, kind, body = decode_reply(frame, MAX_REPLY_BYTES)
+            except MeshError:
+                continue
+            fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
+            if fut is None or fut.done():
+                continue
+            if kind == OK:
+                fut.set_result(body)
+            elif kind == ERROR:
+                try:
+                    raise_error(body)
+                except MeshError as exc:
+                    fut.set_exception(exc)
+
+    async def call(self, command: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        sock = self._ensure()
+        req_id = next(self._ids)
+        frame = encode_request(req_id, command, args)
+        if len(frame) > self.max_frame_bytes:
+            raise TooLarge(f"request of {len(frame)} bytes is over the "
+                           f"{self.max_frame_bytes}-byte limit")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[req_id] = fut
+        try:
+            async with asyncio.timeout(limit):
+                await sock.send(frame)
+                return await fut
+        except TimeoutError:
+            check_listening(self.path)
+            raise Timeout(f"meshd on {self.path} did not answer {command} within {limit:g}s") from None
+        except zmq.ZMQError as exc:
+            raise DaemonUnavailable(f"lost the connection to meshd on {self.path}: {exc}") from exc
+        finally:
+            self._waiting.pop(req_id, None)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._sock = self._ctx = self._reader = None
+
+
+class _AsyncBase:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, socket: str | None = None,
+                 timeout: float | None = None, client: AsyncClient | None = None) -> None:
+        self._store = directory_store(path) if path is not None else None
+        self._client = None if path is not None else (client or AsyncClient(socket, timeout))
+
+    async def _run(self, op: ops.Op) -> Any:
+        args = validate_args(op.command, op.args)
+        if self._store is not None:
+            return op.convert(self._store.execute(op.command, args))
+        assert self._client is not None
+        return op.convert(await self._client.call(op.command, args))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class AsyncSessionRegistry(_AsyncBase):
+    async def register(self, session_id: str, agent_name: str, agent_type: str,
+                       human_user: str | None = None, capabilities: list[str] | None = None,
+                       metadata: dict[str, Any] | None = None) -> Session:
+        return await self._run(ops.register(session_id, agent_name, agent_type, human_user,
+                                            capabilities, metadata))
+
+    async def unregister(self, session_id: str) -> bool:
+        return await self._run(ops.unregister(session_id))
+
+    async def ping(self, session_id: str) -> bool:
+        return await self._run(ops.ping(session_id))
+
+    async def get(self, session_id: str) -> Session | None:
+        return await self._run(ops.get_session(session_id))
+
+    async def update_status(self, session_id: str, status: SessionStatus | str,
+                            current_task: str | None = None) -> bool:
+        return await self._run(ops.update_status(session_id, status, current_task))
+
+    async def list_sessions(self, include_offline: bool = False) -> list[Session]:
+        return await self._run(ops.list_sessions(include_offline))
+
+    async def find_sessions(self, status: SessionStatus | str | None = None,
+                            agent_type: str | None = None, human_user: str | None = None,
+                            capability: str | None = None) -> list[Session]:
+        return await self._run(ops.find_sessions(status, agent_type, human_user, capability))
+
+    async def get_stats(self) -> dict[str, Any]:
+        return await self._run(ops.registry_stats())
+
+    async def clear_offline(self) -> int:
+        return await self._run(ops.clear_offline())
+
+
+class AsyncCollaborationHub(_AsyncBase):
+    async def send(self, from_session: str, to_session: str, type: MessageType | str,
+                   subject: str, body: str, data: dict[str, Any] | None = None,
+                   in_reply_to: str | None = None) -> Message:
+        return await self._run(ops.send(from_session, to_session, type, subject, body, data,
+                                        in_reply_to))
+
+    async def broadcast(self, from_session: str, subject: str, body: str,
+                        data: dict[str, Any] | None = None) -> Message:
+        return await self._run(ops.broadcast(from_session, subject, body, data))
+
+    async def reply(self, from_session: str, to_message: Message, body: str,
+                    data: dict[str, Any] | None = None) -> Message:
+        return await self._run(ops.reply(from_session, to_message, body, data))
+
+    async def ping_session(self, from_session: str, to_session: str) -> Message:
+        return await self._run(ops.ping_session(from_session, to_session))
+
+    async def get_messages(self, session_id: str, include_broadcasts: bool = True,
+                           message_type: MessageType | str | None = None,
+                           unread_only: bool = False) -> list[Message]:
+        return await self._run(ops.get_messages(session_id, include_broadcasts, message_type,
+                                                unread_only))
+
+    async def mark_read(self, session_id: str, message_ids: list[str] | None = None) -> int:
+        return await self._run(ops.mark_read(session_id, message_ids))
+
+    async def get_conversation(self, message_id: str) -> list[Message]:
+        return await self._run(ops.get_conversation(message_id))
+
+    async def get_stats(self) -> dict[str, Any]:
+        return await self._run(ops.hub_stats())
+
+
+class AsyncSharedMemory(_AsyncBase):
+    async def set(self, session_id: str, key: str, value: Any,
+                  type: MemoryType | str = MemoryType.STATE, ttl: float | None = None,
+                  tags: list[str] | None = None,
+                  metadata: dict[str, Any] | None = None) -> MemoryEntry:
+        return await self._run(ops.memory_set(session_id, key, value, type, ttl, tags, metadata))
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        return await self._run(ops.memory_get(key, default))
+
+    async def get_entry(self, key: str) -> MemoryEntry | None:
+        return await self._run(ops.memory_get_entry(key))
+
+    async def get_all(self, key: str) -> list[MemoryEntry]:
+        return await self._run(ops.memory_get_all(key))
+
+    async def search(self, key_pattern: str) -> list[MemoryEntry]:
+        return await self._run(ops.memory_search(key_pattern))
+
+    async def get_by_tags(self, tags: list[str], match_all: bool = False) -> list[MemoryEntry]:
+        return await self._run(ops.memory_by_tags(tags, match_all))
+
+    async def get_by_session(self, session_id: str) -> list[MemoryEntry]:
+        return await self._run(ops.memory_by_session(session_id))
+
+    async def delete(self, key: str, session_id: str | None = None) -> int:
+        return await self._run(ops.memory_delete(key, session_id))
+
+    async def clear(self, session_id: str | None = None) -> int:
+        return await self._run(ops.memory_clear(session_id))
+
+    async def get_stats(self) -> dict[str, Any]:
+        return await self._run(ops.memory_stats())

@@ -1,0 +1,108 @@
+"""CollaborationHub: direct messages, broadcasts, threads, and live delivery to handlers."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+from meshd.wire.schema import enum_value
+from sessions import _ops as ops
+from sessions._backend import Backend, DaemonBackend, DirectoryBackend, backend_for
+from sessions._stream import DirectoryStream, HandlerThread, MessageStream, Stream
+from sessions.models import Message, MessageType
+
+__all__ = ["CollaborationHub", "Message", "MessageType"]
+
+Handler = Callable[[Message], Any]
+
+
+class CollaborationHub:
+    """Messaging between sessions.
+
+    The hub works where its messages live: `messages_path` (a directory, no daemon) if
+    given, else the backend of `registry` if given, else this host's meshd.
+    """
+
+    def __init__(self, registry: Any = None, messages_path: str | os.PathLike[str] | None = None,
+                 *, socket: str | None = None, timeout: float | None = None) -> None:
+        self.registry = registry
+        if messages_path is None and registry is not None and hasattr(registry, "_backend"):
+            self._backend: Backend = registry._backend
+        else:
+            self._backend = backend_for(messages_path, socket, timeout)
+        self._handlers: dict[str | None, dict[str, list[Handler]]] = {}
+        self._threads: dict[str | None, HandlerThread] = {}
+        self._lock = threading.Lock()
+
+    def send(self, from_session: str, to_session: str, type: MessageType | str, subject: str,
+             body: str, data: dict[str, Any] | None = None,
+             in_reply_to: str | None = None) -> Message:
+        """Send a direct message; an unknown recipient raises NotFound."""
+        return self._backend.run(ops.send(from_session, to_session, type, subject, body, data,
+                                          in_reply_to))
+
+    def broadcast(self, from_session: str, subject: str, body: str,
+                  data: dict[str, Any] | None = None) -> Message:
+        """Send to every session but the sender."""
+        return self._backend.run(ops.broadcast(from_session, subject, body, data))
+
+    def reply(self, from_session: str, to_message: Message, body: str,
+              data: dict[str, Any] | None = None) -> Message:
+        """Answer a message: RESPONSE to its sender, subject "Re: ...", threaded under it."""
+        return self._backend.run(ops.reply(from_session, to_message, body, data))
+
+    def ping_session(self, from_session: str, to_session: str) -> Message:
+        return self._backend.run(ops.ping_session(from_session, to_session))
+
+    def get_messages(self, session_id: str, include_broadcasts: bool = True,
+                     message_type: MessageType | str | None = None,
+                     unread_only: bool = False) -> list[Message]:
+        """The session's inbox (direct messages, and broadcasts when asked), oldest first."""
+        return self._backend.run(ops.get_messages(session_id, include_broadcasts, message_type,
+                                                  unread_only))
+
+    def mark_read(self, session_id: str, message_ids: list[str] | None = None) -> int:
+        """Mark messages of the session's inbox read (all when none given); returns how many."""
+        return self._backend.run(ops.mark_read(session_id, message_ids))
+
+    def get_conversation(self, message_id: str) -> list[Message]:
+        """The whole thread the message belongs to, root first; [] for an unknown id."""
+        return self._backend.run(ops.get_conversation(message_id))
+
+    def get_stats(self) -> dict[str, Any]:
+        return self._backend.run(ops.hub_stats())
+
+    # --- live delivery -----------------------------------------------------------------------
+
+    def subscribe(self, session_id: str | None = None, cursor: int | None = None,
+                  types: list[MessageType | str] | None = None) -> Stream:
+        """A stream of messages arriving from now on (or after `cursor`): one session's
+        inbox, or every message this node stores when session_id is None. Iterate it, or
+        call `.next(timeout)`; `.cursor` resumes a later stream where this one stopped."""
+        type_values = [enum_value(t, MessageType, "types") for t in (types or [])]
+        b = self._backend
+        if isinstance(b, DirectoryBackend):
+            return DirectoryStream(b.store, session_id, cursor, type_values)
+        assert isinstance(b, DaemonBackend)
+        return MessageStream(b.client.path, session_id, cursor, type_values)
+
+    def register_handler(self, message_type: MessageType | str, handler: Handler,
+                         session_id: str | None = None) -> None:
+        """Call handler(message) for each message of that type that arrives from now on
+        (for one session's inbox when session_id is given), in a background thread."""
+        mtype = enum_value(message_type, MessageType, "message_type")
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        with self._lock:
+            handlers = self._handlers.setdefault(session_id, {})
+            handlers.setdefault(mtype, []).append(handler)
+            if session_id not in self._threads:
+                self._threads[session_id] = HandlerThread(self.subscribe(session_id), handlers)
+
+    def close(self) -> None:
+        """Stop handler threads."""
+        with self._lock:
+            threads, self._threads = list(self._threads.values()), {}
+        for t in threads:
+            t.stop()

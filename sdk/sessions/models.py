@@ -1,0 +1,137 @@
+"""The public records of the `sessions` API. They are the contract's dataclasses, apart
+from the wire dicts: mesh-only fields (origin, version, clock) never appear here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any
+
+from meshd.wire.schema import MemoryType, MessageType, SessionStatus
+
+__all__ = ["SessionStatus", "MessageType", "MemoryType", "Session", "Message", "MemoryEntry",
+           "SIGNAL_EMOJI"]
+
+
+def now_iso() -> str:
+    return datetime.now(tz=timezone.utc).isoformat()
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if isinstance(v, (SessionStatus, MessageType, MemoryType)) else v)
+            for k, v in d.items()}
+
+
+@dataclass
+class Session:
+    """One agent session in the registry. `host` is the node id of the daemon it
+    registered through (None in directory mode before it is stored)."""
+
+    session_id: str
+    agent_name: str
+    agent_type: str
+    status: SessionStatus = SessionStatus.ACTIVE
+    started_at: str = field(default_factory=now_iso)
+    last_ping: str = field(default_factory=now_iso)
+    human_user: str | None = None
+    location: str = ""
+    capabilities: list[str] = field(default_factory=list)
+    current_task: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    host: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Session":
+        d = _known(cls, d)
+        d["status"] = SessionStatus(d.get("status", "active"))
+        return cls(**d)
+
+
+SIGNAL_EMOJI = {
+    MessageType.PING: "🔔", MessageType.REQUEST: "❓", MessageType.RESPONSE: "✅",
+    MessageType.BROADCAST: "📡", MessageType.NOTIFICATION: "📢", MessageType.TASK_OFFER: "🤝",
+    MessageType.TASK_ACCEPT: "👍", MessageType.SYNC: "🔄", MessageType.HANDOFF: "🎯",
+}
+
+
+@dataclass
+class Message:
+    """A direct message (to_session set) or a broadcast (to_session None)."""
+
+    message_id: str
+    type: MessageType
+    from_session: str
+    to_session: str | None
+    subject: str
+    body: str
+    data: dict[str, Any] = field(default_factory=dict)
+    timestamp: str = field(default_factory=now_iso)
+    in_reply_to: str | None = None
+
+    def format_signal(self) -> str:
+        emoji = SIGNAL_EMOJI.get(MessageType(self.type), "💬")
+        return f"{emoji} {self.from_session} → {self.to_session or 'ALL'} : [COLLABORATION] {self.subject}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Message":
+        d = _known(cls, d)
+        d["type"] = MessageType(d["type"])
+        return cls(**d)
+
+    @classmethod
+    def new(cls, type: MessageType | str, from_session: str, to_session: str | None,
+            subject: str, body: str, data: dict[str, Any] | None = None,
+            in_reply_to: str | None = None) -> "Message":
+        """A fresh message with a new uuid4 id and the current time. The type is kept as
+        given; the daemon (or the directory store) validates it before storing."""
+        t = MessageType(type) if isinstance(type, str) and type in MessageType._value2member_map_ else type
+        return cls(_uuid(), t, from_session, to_session, subject, body,  # type: ignore[arg-type]
+                   {} if data is None else data, now_iso(), in_reply_to)
+
+
+@dataclass
+class MemoryEntry:
+    """One value written to shared memory; every set adds one."""
+
+    entry_id: str
+    type: MemoryType
+    key: str
+    value: Any
+    session_id: str
+    timestamp: str = field(default_factory=now_iso)
+    ttl: float | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MemoryEntry":
+        d = _known(cls, d)
+        d["type"] = MemoryType(d["type"])
+        return cls(**d)
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        if self.ttl is None:
+            return False
+        born = datetime.fromisoformat(self.timestamp)
+        if born.tzinfo is None:
+            born = born.replace(tzinfo=timezone.utc)
+        return ((now or datetime.now(tz=timezone.utc)) - born).total_seconds() > self.ttl

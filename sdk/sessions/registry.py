@@ -1,0 +1,67 @@
+"""SessionRegistry: who is on the mesh, what they can do, and what they are doing."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sessions import _ops as ops
+from sessions._backend import Backend, backend_for
+from sessions.models import Session, SessionStatus
+
+__all__ = ["SessionRegistry", "Session", "SessionStatus"]
+
+
+class SessionRegistry:
+    """The session registry. With no path it is this host's meshd (and so the whole mesh);
+    with a directory it is a registry kept in that directory, with no daemon.
+
+    `socket` and `timeout` (seconds per call) pick and bound the daemon connection.
+    """
+
+    def __init__(self, registry_path: str | os.PathLike[str] | None = None, *,
+                 socket: str | None = None, timeout: float | None = None) -> None:
+        self._backend: Backend = backend_for(registry_path, socket, timeout)
+
+    def register(self, session_id: str, agent_name: str, agent_type: str,
+                 human_user: str | None = None, capabilities: list[str] | None = None,
+                 metadata: dict[str, Any] | None = None) -> Session:
+        """Add a session (replacing one with the same id); it starts ACTIVE."""
+        return self._backend.run(ops.register(session_id, agent_name, agent_type, human_user,
+                                              capabilities, metadata))
+
+    def unregister(self, session_id: str) -> bool:
+        """Mark the session OFFLINE (it is kept for history); False if unknown."""
+        return self._backend.run(ops.unregister(session_id))
+
+    def ping(self, session_id: str) -> bool:
+        """Refresh last_ping (a session silent for 300 s shows OFFLINE); False if unknown."""
+        return self._backend.run(ops.ping(session_id))
+
+    def get(self, session_id: str) -> Session | None:
+        return self._backend.run(ops.get_session(session_id))
+
+    def update_status(self, session_id: str, status: SessionStatus | str,
+                      current_task: str | None = None) -> bool:
+        """Set the status (refreshing last_ping); current_task changes only when given."""
+        return self._backend.run(ops.update_status(session_id, status, current_task))
+
+    def list_sessions(self, include_offline: bool = False) -> list[Session]:
+        return self._backend.run(ops.list_sessions(include_offline))
+
+    def find_sessions(self, status: SessionStatus | str | None = None,
+                      agent_type: str | None = None, human_user: str | None = None,
+                      capability: str | None = None) -> list[Session]:
+        """Sessions matching every criterion given (OFFLINE ones only when status asks)."""
+        return self._backend.run(ops.find_sessions(status, agent_type, human_user, capability))
+
+    def get_stats(self) -> dict[str, Any]:
+        return self._backend.run(ops.registry_stats())
+
+    def clear_offline(self) -> int:
+        """Forget OFFLINE sessions; returns how many."""
+        return self._backend.run(ops.clear_offline())
+
+    def node_info(self) -> dict[str, Any]:
+        """The daemon serving this registry (node id, socket, counters), or the directory."""
+        return self._backend.run(ops.node_info())
