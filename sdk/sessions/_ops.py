@@ -57,7 +57,7 @@ def register(session_id: str, agent_name: str, agent_type: str, human_user: str 
              location: str | None = None) -> Op:
     return Op("session.register", {
         "session_id": session_id, "agent_name": agent_name, "agent_type": agent_type,
-        "human_user": human_user, "capabilities": list(capabilities or []),
+        "human_user": human_user, "capabilities": [] if capabilities is None else capabilities,
         "metadata": metadata or {}, "location": location or _HOST}, _session)
 
 
@@ -139,7 +139,8 @@ def get_conversation(message_id: str) -> Op:
 
 def mark_read(session_id: str, message_ids: list[str] | None = None) -> Op:
     return Op("message.mark_read", {"session_id": session_id,
-                                    "message_ids": list(message_ids or [])}, int)
+                                    "message_ids": [] if message_ids is None else message_ids},
+              int)
 
 
 def hub_stats() -> Op:
@@ -153,7 +154,7 @@ def memory_set(session_id: str, key: str, value: Any, type: MemoryType | str = M
                metadata: dict[str, Any] | None = None) -> Op:
     entry = {"entry_id": str(uuid.uuid4()), "type": _enum(type), "key": key, "value": value,
              "session_id": session_id, "timestamp": now_iso(),
-             "ttl": ttl, "tags": list(tags) if tags is not None else [], "metadata": metadata or {}}
+             "ttl": ttl, "tags": [] if tags is None else tags, "metadata": metadata or {}}
     return Op("memory.set", {"entry": entry}, MemoryEntry.from_dict)
 
 
@@ -174,7 +175,7 @@ def memory_search(key_pattern: str) -> Op:
 
 
 def memory_by_tags(tags: list[str], match_all: bool = False) -> Op:
-    return Op("memory.by_tags", {"tags": list(tags) if tags is not None else [],
+    return Op("memory.by_tags", {"tags": [] if tags is None else tags,
                                  "match_all": match_all}, _entries)
 
 

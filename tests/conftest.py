@@ -1,0 +1,191 @@
+"""Shared fixtures: real `meshd` processes on short ipc paths, and an `eventually` helper.
+
+Every daemon a test starts is stopped by its pid when the test ends, also on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_README = ROOT.parent / "shared" / "seed-README.md"
+
+
+def eventually(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll `pred` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = pred()
+            if value:
+                return value
+        except Exception as exc:            # the condition may raise until it holds
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} did not hold within {timeout}s"
+                                 + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: the project importable even without install."""
+    env = dict(os.environ)
+    paths = [str(ROOT), str(ROOT / "sdk")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("MESHD_SOCKET", None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Daemon:
+    """A real meshd process on its own socket and data directory."""
+
+    socket: str
+    data_dir: str
+    log_path: str
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> "Daemon":
+        cmd = [sys.executable, "-m", "meshd", "--socket", self.socket, "--data-dir",
+               self.data_dir, "--preset", "test", "--log-level", "info", *self.args]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=subprocess_env(),
+                                     cwd=str(ROOT))
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        from sessions import SessionRegistry
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"meshd exited with {self.proc.returncode}:\n{self.log()}")
+            if not os.path.exists(self.socket):
+                return False
+            SessionRegistry(socket=self.socket, timeout=1.0).node_info()
+            return True
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ready():
+                    return
+            except RuntimeError:
+                raise
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                self.kill9()
+                raise RuntimeError(f"meshd did not become ready in {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        return self.proc.returncode
+
+    def restart(self) -> "Daemon":
+        self.stop()
+        return self.start()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return subprocess_env(MESHD_SOCKET=self.socket, **extra)
+
+    # SDK objects bound to this daemon
+    def registry(self, **kw: Any) -> Any:
+        from sessions import SessionRegistry
+        return SessionRegistry(socket=self.socket, **kw)
+
+    def hub(self, **kw: Any) -> Any:
+        from sessions import CollaborationHub
+        return CollaborationHub(socket=self.socket, **kw)
+
+    def memory(self, **kw: Any) -> Any:
+        from sessions import SharedMemory
+        return SharedMemory(socket=self.socket, **kw)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: ipc:// socket paths are limited to 107 bytes."""
+    d = tempfile.mkdtemp(prefix="mt", dir="/tmp")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(short_tmp: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: make_daemon(name="d", args=[...], start=True) -> Daemon; all are stopped."""
+    made: list[Daemon] = []
+
+    def make(name: str = "d", args: list[str] | None = None, start: bool = True) -> Daemon:
+        d = Daemon(socket=str(short_tmp / f"{name}.sock"), data_dir=str(short_tmp / f"{name}-data"),
+                   log_path=str(short_tmp / f"{name}.log"), args=list(args or []))
+        made.append(d)
+        return d.start() if start else d
+
+    try:
+        yield make
+    finally:
+        for d in made:
+            d.stop(timeout=5)
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_daemon()
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 30.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m sessions ARGS` as a user would."""
+    return subprocess.run([sys.executable, "-m", "sessions", *args], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=timeout, input=input)
