@@ -42,6 +42,8 @@ class Config:
     stream_idle_timeout: float = 30.0     # s without ack/renew before a stream is dropped
     # --- housekeeping ------------------------------------------------------------------
     expiry_interval: float = 5.0          # s between purges of TTL-expired memory entries
+    checkpoint_interval: float = 1.0      # s between WAL checkpoints (shorter = smaller WAL,
+                                          # longer = fewer pauses of the loop)
     # --- clients -----------------------------------------------------------------------
     client_timeout: float = 10.0          # s, default deadline of one SDK call
 

@@ -231,7 +231,7 @@ class IPCServer:
             with self.store.read() if read_only else self.store.write():
                 for ident, req_id, command, args in work:
                     try:
-                        if isolate and not read_only:
+                        if isolate and not read_only and len(work) > 1:
                             with self.store.savepoint():
                                 result = commands.run(self.store, command, args)
                         else:

@@ -11,14 +11,10 @@ with a per-session sequence number.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-import threading
 from pathlib import Path
 
 from meshd.errors import StoreError
-
-log = logging.getLogger("meshd.state")
 
 SCHEMA_VERSION = 1
 DB_NAME = "meshd.db"
@@ -52,7 +48,9 @@ CREATE TABLE IF NOT EXISTS session_caps (
 CREATE INDEX IF NOT EXISTS session_caps_session ON session_caps(session_id);
 
 CREATE TABLE IF NOT EXISTS memory (
-    entry_id   TEXT PRIMARY KEY,
+    origin     TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    entry_id   TEXT NOT NULL,
     key        TEXT NOT NULL,
     type       TEXT NOT NULL,
     value      BLOB NOT NULL,            -- msgpack
@@ -62,13 +60,14 @@ CREATE TABLE IF NOT EXISTS memory (
     expires_ms INTEGER,                  -- physical(hlc) + ttl: the same instant on every node
     tags       BLOB NOT NULL,
     metadata   BLOB NOT NULL,
-    origin     TEXT NOT NULL,
-    version    INTEGER NOT NULL,
-    hlc        INTEGER NOT NULL
+    hlc        INTEGER NOT NULL,
+    -- Clustered by (origin, version): replication reads ranges of it, and a node's own
+    -- writes append at the end of its range, so a set touches few pages.
+    PRIMARY KEY (origin, version)
 ) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS memory_entry ON memory(entry_id);
 CREATE INDEX IF NOT EXISTS memory_key ON memory(key, hlc);
 CREATE INDEX IF NOT EXISTS memory_session ON memory(session_id, hlc);
-CREATE INDEX IF NOT EXISTS memory_origin ON memory(origin, version);
 CREATE INDEX IF NOT EXISTS memory_expiry ON memory(expires_ms) WHERE expires_ms IS NOT NULL;
 CREATE TABLE IF NOT EXISTS memory_tags (
     tag TEXT NOT NULL, entry_id TEXT NOT NULL, hlc INTEGER NOT NULL, PRIMARY KEY (tag, entry_id)
@@ -102,7 +101,7 @@ CREATE TABLE IF NOT EXISTS messages (
     origin       TEXT NOT NULL,
     hlc          INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_reply ON messages(in_reply_to);
+CREATE INDEX IF NOT EXISTS messages_reply ON messages(in_reply_to) WHERE in_reply_to IS NOT NULL;
 CREATE TABLE IF NOT EXISTS inbox (
     session_id TEXT NOT NULL,
     seq        INTEGER NOT NULL,            -- per-session, only grows: the stream cursor
@@ -110,20 +109,23 @@ CREATE TABLE IF NOT EXISTS inbox (
     read       INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS inbox_message ON inbox(session_id, message_id);
 CREATE TABLE IF NOT EXISTS inbox_heads (session_id TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
 def connect(data_dir: str | Path, durability: str = "process",
-            auto_checkpoint: bool = True) -> sqlite3.Connection:
+            exclusive: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the database in `data_dir`, in WAL mode.
 
     "process" durability uses synchronous=NORMAL: a committed transaction is in the WAL
     file (in the OS) before we answer, so kill -9 loses nothing; "fsync" uses FULL so a
-    power cut loses nothing either. With auto_checkpoint off, the caller runs a
-    `Checkpointer` so that copying the WAL back into the database (and its fsync) happens
-    in a background thread instead of inside some unlucky client's commit.
+    power cut loses nothing either.
+
+    `exclusive` is for the daemon, the only user of its data directory: the WAL index
+    lives in process memory instead of shared memory (no cross-process locking on every
+    transaction), and automatic checkpoints are off so that copying the WAL back into the
+    database never lands inside a client's commit; the daemon calls `checkpoint()` from a
+    timer instead.
     """
     path = Path(data_dir)
     try:
@@ -134,7 +136,8 @@ def connect(data_dir: str | Path, durability: str = "process",
         conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
-        if not auto_checkpoint:
+        if exclusive:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA wal_autocheckpoint=0")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -160,39 +163,16 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             buf = ""
 
 
-class Checkpointer:
-    """Checkpoints the WAL from its own connection in one background thread.
 
-    A PASSIVE checkpoint never blocks the writer, so commits stay cheap; when the WAL has
-    grown large we ask for a TRUNCATE, which succeeds once no reader holds old pages.
-    """
+#: WAL size above which a checkpoint also truncates the file.
+TRUNCATE_WAL_ABOVE = 64 * 1024 * 1024
 
-    TRUNCATE_ABOVE = 64 * 1024 * 1024      # bytes of WAL
 
-    def __init__(self, data_dir: str | Path, interval: float = 1.0) -> None:
-        self.path = Path(data_dir) / DB_NAME
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="meshd-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                               timeout=5.0)
-        try:
-            while not self._stop.wait(self.interval):
-                try:
-                    wal = self.path.with_name(DB_NAME + "-wal")
-                    big = wal.exists() and wal.stat().st_size > self.TRUNCATE_ABOVE
-                    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})")
-                except (sqlite3.Error, OSError) as exc:
-                    log.warning("checkpoint failed: %s", exc)
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:
-            log.warning("final checkpoint failed: %s", exc)
-        finally:
-            conn.close()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+def checkpoint(conn: sqlite3.Connection, data_dir: str | Path) -> None:
+    """Copy the WAL back into the database; truncate the WAL when it has grown large."""
+    wal = Path(data_dir) / (DB_NAME + "-wal")
+    try:
+        big = wal.stat().st_size > TRUNCATE_WAL_ABOVE
+    except OSError:
+        big = False
+    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})")

@@ -41,16 +41,15 @@ def send(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
     m = a["message"]
     if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
         raise NotFound(f"unknown session: {m['to_session']}")
-    if store.conn.execute("SELECT 1 FROM messages WHERE message_id = ?",
-                          (m["message_id"],)).fetchone():
-        return m                                    # a retry: already stored and delivered
     hlc = store.hlc.now()
     cur = store.conn.execute(
-        "INSERT INTO messages (message_id, type, from_session, to_session, subject, body, data,"
+        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body, data,"
         " timestamp, in_reply_to, origin, hlc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
          msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
          store.node_id, hlc))
+    if cur.rowcount == 0:
+        return m                                    # a retry: already stored and delivered
     store.events.append((None, int(cur.lastrowid or 0), m))
     for sid in _recipients(store, m):
         seq = _next_inbox_seq(store, sid)
@@ -61,11 +60,9 @@ def send(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _next_inbox_seq(store: "Store", session_id: str) -> int:
-    row = store.conn.execute("SELECT last FROM inbox_heads WHERE session_id = ?",
-                             (session_id,)).fetchone()
-    seq = (row[0] if row else 0) + 1
-    store.conn.execute("INSERT OR REPLACE INTO inbox_heads VALUES (?, ?)", (session_id, seq))
-    return seq
+    return int(store.conn.execute(
+        "INSERT INTO inbox_heads VALUES (?, 1) ON CONFLICT (session_id) "
+        "DO UPDATE SET last = last + 1 RETURNING last", (session_id,)).fetchone()[0])
 
 
 def list_inbox(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:

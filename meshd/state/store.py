@@ -33,16 +33,14 @@ class Store:
 
     def __init__(self, data_dir: str | Path, *, durability: str = "process", shared: bool = False,
                  stale_after: float = 300.0, wall: Callable[[], float] = time.time,
-                 background_checkpoint: bool = False) -> None:
+                 exclusive: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.shared = shared
         self.stale_after = stale_after
         self.wall = wall
         self.lock = threading.RLock()
         self.pid = os.getpid()          # a forked child must open its own connection
-        self.conn = db.connect(self.data_dir, durability,
-                               auto_checkpoint=not background_checkpoint)
-        self._checkpointer = db.Checkpointer(self.data_dir) if background_checkpoint else None
+        self.conn = db.connect(self.data_dir, durability, exclusive=exclusive)
         self.hlc = HLC(0, wall)
         self.version = 0
         self.events: list[Event] = []
@@ -167,11 +165,19 @@ class Store:
         events, self.events = self.events, []
         return events
 
-    def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
-            self._checkpointer = None
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database (the daemon's store does not do it by itself)."""
         with self.lock:
+            if not self._in_tx:
+                db.checkpoint(self.conn, self.data_dir)
+
+    def close(self) -> None:
+        with self.lock:
+            if not self._in_tx:
+                try:
+                    db.checkpoint(self.conn, self.data_dir)
+                except sqlite3.Error:
+                    pass
             try:
                 self.conn.close()
             except sqlite3.Error:
