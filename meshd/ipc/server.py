@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import socket as pysocket
+from contextlib import nullcontext
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -228,7 +229,10 @@ class IPCServer:
         out: list[tuple[bytes, bytes]] = []
         ok: Counter[str] = Counter()
         try:
-            with self.store.read() if read_only else self.store.write():
+            # A lone read is one statement: SQLite's implicit transaction is enough.
+            tx = (nullcontext() if read_only and len(work) == 1
+                  else self.store.read() if read_only else self.store.write())
+            with tx:
                 for ident, req_id, command, args in work:
                     try:
                         if isolate and not read_only and len(work) > 1:
