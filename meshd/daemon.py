@@ -146,9 +146,31 @@ async def serve(config: Config) -> None:
     try:
         await daemon.start()
         notify("READY=1\nSTATUS=serving")
+        watchdog = _watchdog_interval()
+        if watchdog:
+            daemon._spawn(_watchdog(watchdog))
         await daemon.wait_stopped()
         log.info("shutting down")
         notify("STOPPING=1")
     finally:
         await daemon.stop()
         log.info("stopped")
+
+
+def _watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), when it is meant for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 2e6, 0.1)
+    except ValueError:
+        return None
+
+
+async def _watchdog(interval: float) -> None:
+    """Ping systemd from the event loop itself: if the loop is stuck, the pings stop."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

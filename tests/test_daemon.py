@@ -127,3 +127,24 @@ def test_calls_time_out_when_the_daemon_hangs(daemon):
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
     assert eventually(lambda: mem.get("k") == 1, timeout=10, message="answers after SIGCONT")
+
+
+def test_watchdog_pings_when_systemd_asks(short_tmp):
+    notify_path = str(short_tmp / "wd")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(10)
+    proc = subprocess.Popen([sys.executable, "-m", "meshd", "--socket", str(short_tmp / "w.sock"),
+                             "--data-dir", str(short_tmp / "wdata")],
+                            env=subprocess_env(NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="400000"),
+                            stderr=subprocess.DEVNULL)
+    try:
+        seen = []
+        deadline = time.monotonic() + 10
+        while seen.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            seen.extend(listener.recv(4096).decode().splitlines())
+        assert seen.count("WATCHDOG=1") >= 3, seen
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        listener.close()
