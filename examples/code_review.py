@@ -1,14 +1,31 @@
-"""Use case 2, "Collaborative Code Review": a request, its reply, and the thread.
+"""Use case 2 of the seed document, "Collaborative Code Review": one session asks for a
+review, the reviewer replies, and the whole thread is read back.
 
-Needs a running meshd (see multi_session_workflow.py), or a directory argument.
+Needs a running `meshd` on this host: start one with `meshd` (or use the system service,
+see docs/systemd.md). To try it by hand without touching the default paths:
+
+    meshd --socket /tmp/m.sock --data-dir /tmp/md &
+    MESHD_SOCKET=/tmp/m.sock python examples/code_review.py
+
+With a directory argument it needs no daemon and keeps everything in that directory:
+
+    python examples/code_review.py /tmp/sessions-demo
 """
 
-from _common import objects
+from _common import CollaborationHub, SessionRegistry, where
 from sessions import MessageType
 
-registry, hub, memory = objects()
-registry.register("cece-001", "Cece", "Claude")
-registry.register("reviewer-002", "Reviewer", "Claude")
+# Both sessions must be registered: a message to an unknown session is an error.
+registry = SessionRegistry()
+registry.register("cece-001", "Cece", "Claude", human_user="Alexa",
+                  capabilities=["python", "review", "planning"])
+registry.register("reviewer-002", "Reviewer", "Claude", human_user="Alexa",
+                  capabilities=["review"])
+
+print("State kept by:", where())
+
+# ---- seed ---------------------------------------------------------------------------------
+hub = CollaborationHub()
 
 # Session 1: Request review
 msg = hub.send(
@@ -27,6 +44,8 @@ hub.reply(
     body="Reviewed. LGTM with minor comments.",
     data={"approved": True, "comments": 2}
 )
+# ---- end of seed --------------------------------------------------------------------------
 
+print("The thread:")
 for m in hub.get_conversation(msg.message_id):
-    print(m.format_signal(), "-", m.body, m.data)
+    print("  ", m.format_signal(), "-", m.body, m.data)

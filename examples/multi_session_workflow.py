@@ -1,15 +1,32 @@
-"""The seed document's "Multi-Session Workflow": a planner, a developer and a reviewer.
+"""The seed document's "Example: Multi-Session Workflow": a planner, a developer and a
+reviewer share a plan through shared memory and talk through the collaboration hub.
 
-Needs a running meshd (`meshd`, or for a try by hand `meshd --socket /tmp/m.sock
---data-dir /tmp/md` and `MESHD_SOCKET=/tmp/m.sock python examples/multi_session_workflow.py`),
-or a directory argument to run with no daemon.
+Needs a running `meshd` on this host: start one with `meshd` (or use the system service,
+see docs/systemd.md). To try it by hand without touching the default paths:
+
+    meshd --socket /tmp/m.sock --data-dir /tmp/md &
+    MESHD_SOCKET=/tmp/m.sock python examples/multi_session_workflow.py
+
+With a directory argument it needs no daemon and keeps everything in that directory:
+
+    python examples/multi_session_workflow.py /tmp/sessions-demo
+
+The code between the "seed" markers is the seed document's, verbatim. Running it again
+against the same daemon or directory re-registers the sessions and adds new messages and
+memory entries (the stats grow); the inboxes printed at the end show what is new.
 """
 
-from _common import objects
-from sessions import MemoryType, MessageType
+import _common
+
+# ---- seed ---------------------------------------------------------------------------------
+from sessions import SessionRegistry, CollaborationHub, SharedMemory, MessageType, MemoryType
+# (added: the same three classes from _common, which with a DIR argument are bound to DIR)
+from _common import SessionRegistry, CollaborationHub, SharedMemory  # noqa: E402,F811
 
 # Initialize
-registry, hub, memory = objects()
+registry = SessionRegistry()
+hub = CollaborationHub()
+memory = SharedMemory()
 
 # Session 1: Planning agent
 registry.register("planner-001", "Planner", "Claude", human_user="Alexa")
@@ -25,17 +42,16 @@ registry.register("dev-001", "Developer", "GPT-4", human_user="Alexa")
 
 # Dev reads plan from memory
 plan = memory.get("project_plan")
-print("Dev read the plan:", plan)
 
 # Dev requests clarification
-hub.send("dev-001", "planner-001", MessageType.REQUEST,
+hub.send("dev-001", "planner-001", MessageType.REQUEST, 
          "API design question", "Should we use REST or GraphQL?")
 
 # Session 3: Reviewer agent
 registry.register("reviewer-001", "Reviewer", "Claude", human_user="Alexa")
 
 # Later: Dev hands off to reviewer
-memory.set("dev-001", "api_code", "class API...",
+memory.set("dev-001", "api_code", "class API...", 
           type=MemoryType.STATE, tags=["code", "ready-for-review"])
 
 hub.send("dev-001", "reviewer-001", MessageType.TASK_OFFER,
@@ -50,7 +66,16 @@ hub.send("reviewer-001", "dev-001", MessageType.TASK_ACCEPT,
 print(registry.get_stats())
 print(hub.get_stats())
 print(memory.get_stats())
+# ---- end of seed --------------------------------------------------------------------------
 
-for sid in ("planner-001", "dev-001", "reviewer-001"):
-    for msg in hub.get_messages(sid):
-        print(f"[{sid}] {msg.format_signal()}")
+print()
+print("State kept by:", _common.where())
+print("The plan the developer read:", plan)
+print("Ready for review:", sorted({e.key for e in memory.get_by_tags(["ready-for-review"])}))
+for session in registry.list_sessions():
+    if session.session_id in ("planner-001", "dev-001", "reviewer-001"):
+        print(f"\n{session.session_id} ({session.agent_name}, {session.agent_type}) - "
+              f"{session.status.value}; new messages:")
+        for msg in hub.get_messages(session.session_id, unread_only=True):
+            print("  ", msg.format_signal(), "-", msg.body, msg.data or "")
+        hub.mark_read(session.session_id)

@@ -229,6 +229,8 @@ def messages(c: Ctx, session_id: str, mtype: str | None, unread: bool, mark_read
     hub = c.hub()
     msgs = hub.get_messages(session_id, message_type=mtype.lower() if mtype else None,
                             unread_only=unread)
+    if not msgs and c.registry().get(session_id) is None:
+        fail(f"Session not found: {session_id}")
     if mark_read and msgs:
         hub.mark_read(session_id, [m.message_id for m in msgs])
     if as_json:
@@ -348,7 +350,8 @@ def memory_get(c: Ctx, key: str, all_entries: bool, as_json: bool) -> None:
 @pass_ctx
 def memory_search(c: Ctx, pattern: str | None, tags: str | None, session: str | None,
                   as_json: bool) -> None:
-    """Find entries by key pattern, tags or session (all given criteria must match)."""
+    """Find entries by key pattern, tags or session (all given criteria must match;
+    with none, every entry)."""
     memory = c.memory()
     results: list[MemoryEntry] | None = None
 
@@ -366,8 +369,9 @@ def memory_search(c: Ctx, pattern: str | None, tags: str | None, session: str | 
         narrow(memory.get_by_tags(split_list(tags)))
     if session:
         narrow(memory.get_by_session(session))
-    if results is None:
-        raise click.UsageError("give at least one of --pattern, --tags, --session")
+    if results is None:                         # no criteria: every live entry
+        narrow(memory.search("*"))
+    assert results is not None
     if as_json:
         emit_json([e.to_dict() for e in results])
         return
