@@ -34,7 +34,31 @@ RENEW_EVERY = 1.0         # s of silence between renewals (acks double as keep-a
 RETRY_EVERY = 0.5         # s between attempts to (re)subscribe while the daemon is away
 
 
-class MessageStream:
+class _Iterable:
+    """Iteration and `with` support shared by both kinds of stream."""
+
+    closed: bool
+
+    def next(self, timeout: float | None = None) -> Message | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Message]:
+        while not self.closed:
+            msg = self.next(timeout=None)
+            if msg is not None:
+                yield msg
+
+    def __enter__(self) -> "_Iterable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MessageStream(_Iterable):
     """Iterate incoming messages: `for msg in stream: ...`. `cursor` is the sequence number
     of the last message handed out; pass it to a new stream to resume after it."""
 
@@ -167,12 +191,6 @@ class MessageStream:
                 self._drop_socket()                 # no answer to our acks: reconnect
         return None
 
-    def __iter__(self) -> Iterator[Message]:
-        while not self.closed:
-            msg = self.next(timeout=None)
-            if msg is not None:
-                yield msg
-
     def close(self) -> None:
         if self._sub is not None and self._sock is not None:
             try:
@@ -182,14 +200,8 @@ class MessageStream:
         self.closed = True
         self._drop_socket()
 
-    def __enter__(self) -> "MessageStream":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class DirectoryStream:
+class DirectoryStream(_Iterable):
     """The same interface over a directory store, by polling (there is no daemon to push)."""
 
     POLL = 0.05
@@ -221,20 +233,8 @@ class DirectoryStream:
             time.sleep(self.POLL)
         return None
 
-    def __iter__(self) -> Iterator[Message]:
-        while not self.closed:
-            msg = self.next(timeout=None)
-            if msg is not None:
-                yield msg
-
     def close(self) -> None:
         self.closed = True
-
-    def __enter__(self) -> "DirectoryStream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 Stream = MessageStream | DirectoryStream
