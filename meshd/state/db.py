@@ -18,6 +18,7 @@ from meshd.errors import StoreError
 
 SCHEMA_VERSION = 1
 DB_NAME = "meshd.db"
+CACHE_KIB = 64 * 1024        # page cache per connection: keeps index pages hot under load
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -69,10 +70,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS memory_entry ON memory(entry_id);
 CREATE INDEX IF NOT EXISTS memory_key ON memory(key, hlc);
 CREATE INDEX IF NOT EXISTS memory_session ON memory(session_id, hlc);
 CREATE INDEX IF NOT EXISTS memory_expiry ON memory(expires_ms) WHERE expires_ms IS NOT NULL;
+-- Keyed (tag, hlc, entry_id): new entries append at the end of each tag's range.
 CREATE TABLE IF NOT EXISTS memory_tags (
-    tag TEXT NOT NULL, entry_id TEXT NOT NULL, hlc INTEGER NOT NULL, PRIMARY KEY (tag, entry_id)
+    tag TEXT NOT NULL, hlc INTEGER NOT NULL, entry_id TEXT NOT NULL,
+    PRIMARY KEY (tag, hlc, entry_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS memory_tags_entry ON memory_tags(entry_id);
 
 -- A deletion removes every entry of `key` (all keys when NULL) written by `session_id`
 -- (any session when NULL) with an hlc at or below its own: entries that arrive later from
@@ -136,6 +138,7 @@ def connect(data_dir: str | Path, durability: str = "process",
         conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute(f"PRAGMA cache_size={-CACHE_KIB}")
         if exclusive:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -165,7 +168,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 #: WAL size above which a checkpoint also truncates the file.
-TRUNCATE_WAL_ABOVE = 64 * 1024 * 1024
+TRUNCATE_WAL_ABOVE = 256 * 1024 * 1024
 
 
 def checkpoint(conn: sqlite3.Connection, data_dir: str | Path) -> None:

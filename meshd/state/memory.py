@@ -66,7 +66,7 @@ def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
         return _row(row)
     if e["tags"]:
         store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
-                               [(t, e["entry_id"], hlc) for t in e["tags"]])
+                               [(t, hlc, e["entry_id"]) for t in set(e["tags"])])
     return e
 
 
@@ -120,8 +120,8 @@ def remove_covered(store: "Store", key: str | None, session_id: str | None, hlc:
         where.append("session_id = ?")
         params.append(session_id)
     cond = " AND ".join(where)
-    store.conn.execute(f"DELETE FROM memory_tags WHERE entry_id IN "
-                       f"(SELECT entry_id FROM memory WHERE {cond})", params)
+    _drop_tags(store, store.conn.execute(f"SELECT entry_id, tags, hlc FROM memory WHERE {cond}",
+                                         params).fetchall())
     live = store.conn.execute(
         f"SELECT COUNT(*) FROM memory WHERE {cond} AND (expires_ms IS NULL OR expires_ms > ?)",
         (*params, _now_ms(store))).fetchone()[0]
@@ -160,10 +160,16 @@ def purge_expired(store: "Store", limit: int = 10_000) -> int:
     """Drop entries whose ttl has passed. No tombstone is needed: every node computes the
     same expiry instant from the entry itself."""
     now = _now_ms(store)
-    ids = [r[0] for r in store.conn.execute(
-        "SELECT entry_id FROM memory WHERE expires_ms IS NOT NULL AND expires_ms <= ? LIMIT ?",
-        (now, limit))]
-    if ids:
-        store.conn.executemany("DELETE FROM memory_tags WHERE entry_id = ?", [(i,) for i in ids])
-        store.conn.executemany("DELETE FROM memory WHERE entry_id = ?", [(i,) for i in ids])
-    return len(ids)
+    rows = store.conn.execute(
+        "SELECT entry_id, tags, hlc FROM memory WHERE expires_ms IS NOT NULL AND expires_ms <= ? "
+        "LIMIT ?", (now, limit)).fetchall()
+    if rows:
+        _drop_tags(store, rows)
+        store.conn.executemany("DELETE FROM memory WHERE entry_id = ?", [(r[0],) for r in rows])
+    return len(rows)
+
+
+def _drop_tags(store: "Store", rows: list[tuple[str, bytes, int]]) -> None:
+    """Remove the tag index rows of entries given as (entry_id, packed tags, hlc)."""
+    store.conn.executemany("DELETE FROM memory_tags WHERE tag = ? AND hlc = ? AND entry_id = ?",
+                           [(t, hlc, eid) for eid, tags, hlc in rows for t in set(_unpack(tags))])
