@@ -48,7 +48,10 @@ def _query(store: "Store", where: str, params: tuple[Any, ...], tail: str = _NEW
 
 
 def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
-    """Add an entry. Idempotent on entry_id, so a client may safely retry a set."""
+    """Add an entry. Idempotent on entry_id, so a client may safely retry a set.
+
+    The answer is only the id: the client already holds the entry it sent, and echoing a
+    large value back would cost both sides on every set."""
     e = a["entry"]
     version, hlc = store.stamp()
     expires = None if e["ttl"] is None else physical_ms(hlc) + int(e["ttl"] * 1000)
@@ -59,15 +62,11 @@ def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
          e["ttl"], expires, _pack(e["tags"]), _pack(e["metadata"]), store.node_id, version, hlc))
     if cur.rowcount == 0:               # a retry of a set we already stored
         store.version -= 1
-        row = store.conn.execute(f"SELECT {_COLS} FROM memory m WHERE m.entry_id = ?",
-                                 (e["entry_id"],)).fetchone()
-        if row is None:                 # stored, then deleted or expired: nothing to add back
-            return e
-        return _row(row)
+        return {"entry_id": e["entry_id"], "stored": False}
     if e["tags"]:
         store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
                                [(t, hlc, e["entry_id"]) for t in set(e["tags"])])
-    return e
+    return {"entry_id": e["entry_id"], "stored": True}
 
 
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:

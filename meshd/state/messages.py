@@ -37,7 +37,8 @@ def _recipients(store: "Store", m: dict[str, Any]) -> list[str]:
 
 def send(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
     """Store a message and put it in its recipients' inboxes (every local session but the
-    sender for a broadcast). A direct message to an unknown session is an error."""
+    sender for a broadcast). A direct message to an unknown session is an error. The
+    answer is the id and how many inboxes got it (0 for a retry already stored)."""
     m = a["message"]
     if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
         raise NotFound(f"unknown session: {m['to_session']}")
@@ -48,15 +49,16 @@ def send(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
         (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
          msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
          store.node_id, hlc))
-    if cur.rowcount == 0:
-        return m                                    # a retry: already stored and delivered
+    if cur.rowcount == 0:                           # a retry: already stored and delivered
+        return {"message_id": m["message_id"], "delivered": 0}
     store.events.append((None, int(cur.lastrowid or 0), m))
-    for sid in _recipients(store, m):
+    recipients = _recipients(store, m)
+    for sid in recipients:
         seq = _next_inbox_seq(store, sid)
         store.conn.execute("INSERT INTO inbox (session_id, seq, message_id) VALUES (?, ?, ?)",
                            (sid, seq, m["message_id"]))
         store.events.append((sid, seq, m))
-    return m
+    return {"message_id": m["message_id"], "delivered": len(recipients)}
 
 
 def _next_inbox_seq(store: "Store", session_id: str) -> int:

@@ -41,7 +41,7 @@ class DaemonBackend:
 
     def run(self, op: Op) -> Any:
         args = validate_args(op.command, op.args)        # bad input fails before sending
-        return op.convert(self.client.call(op.command, args))
+        return op.result(args, self.client.call(op.command, args))
 
 
 class DirectoryBackend:
@@ -56,7 +56,7 @@ class DirectoryBackend:
         if op.command == "node.info":
             return op.convert({"node_id": self.store.node_id, "data_dir": self.directory,
                                "mode": "directory"})
-        return op.convert(self.store.execute(op.command, args))
+        return op.result(args, self.store.execute(op.command, args))
 
 
 Backend = DaemonBackend | DirectoryBackend

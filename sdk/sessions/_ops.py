@@ -17,9 +17,17 @@ _HOST = socket.gethostname()
 
 @dataclass(frozen=True, slots=True)
 class Op:
+    """A call: `convert` turns the answer into the API's return value. With `echo` set, the
+    daemon answers only with an acknowledgement and the return value is built from the
+    validated argument of that name (the record the client sent)."""
+
     command: str
     args: dict[str, Any]
     convert: Callable[[Any], Any]
+    echo: str | None = None
+
+    def result(self, args: dict[str, Any], answer: Any) -> Any:
+        return self.convert(args[self.echo] if self.echo else answer)
 
 
 def _same(x: Any) -> Any:
@@ -104,7 +112,7 @@ def clear_offline() -> Op:
 def send(from_session: str, to_session: str | None, type: MessageType | str, subject: str,
          body: str, data: dict[str, Any] | None = None, in_reply_to: str | None = None) -> Op:
     msg = Message.new(type, from_session, to_session, subject, body, data, in_reply_to)
-    return Op("message.send", {"message": msg.to_dict()}, Message.from_dict)
+    return Op("message.send", {"message": msg.to_dict()}, Message.from_dict, echo="message")
 
 
 def broadcast(from_session: str, subject: str, body: str,
@@ -155,7 +163,7 @@ def memory_set(session_id: str, key: str, value: Any, type: MemoryType | str = M
     entry = {"entry_id": str(uuid.uuid4()), "type": _enum(type), "key": key, "value": value,
              "session_id": session_id, "timestamp": now_iso(),
              "ttl": ttl, "tags": [] if tags is None else tags, "metadata": metadata or {}}
-    return Op("memory.set", {"entry": entry}, MemoryEntry.from_dict)
+    return Op("memory.set", {"entry": entry}, MemoryEntry.from_dict, echo="entry")
 
 
 def memory_get(key: str, default: Any = None) -> Op:

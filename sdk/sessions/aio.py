@@ -118,9 +118,9 @@ class _AsyncBase:
     async def _run(self, op: ops.Op) -> Any:
         args = validate_args(op.command, op.args)
         if self._store is not None:
-            return op.convert(self._store.execute(op.command, args))
+            return op.result(args, self._store.execute(op.command, args))
         assert self._client is not None
-        return op.convert(await self._client.call(op.command, args))
+        return op.result(args, await self._client.call(op.command, args))
 
     async def close(self) -> None:
         if self._client is not None:
