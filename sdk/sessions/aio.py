@@ -14,50 +14,57 @@ import os
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from meshd.errors import DaemonUnavailable, MeshError, Timeout, TooLarge
 from meshd.wire.ipc import ERROR, OK, decode_reply, encode_request, validate_args
 from sessions import _ops as ops
 from sessions._backend import directory_store
 from sessions._client import (
-    MAX_REPLY_BYTES, check_listening, default_timeout, raise_error, resolve_socket,
+    MAX_REPLY_BYTES, check_listening, default_timeout, new_dealer, raise_error, resolve_socket,
 )
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 from meshd.config import Config
+
+# Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 __all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory"]
 
 
 class AsyncClient:
-    """One asyncio connection to the daemon; bound to the loop that first uses it."""
+    """One asyncio connection to the daemon, bound to the loop that first uses it.
+
+    The socket is watched with the loop's own reader on ZeroMQ's file descriptor and read
+    with non-blocking calls, so many calls in flight cost one future each and no task per
+    reply; sends that cannot go out at once (not yet connected) wait in a small queue.
+    """
 
     def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
         self.path = resolve_socket(socket_path)
         self.timeout = default_timeout() if timeout is None else float(timeout)
         self.max_frame_bytes = Config().max_frame_bytes
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._sock: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._outbox: list[bytes] = []
+        self._retry: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
 
-    def _ensure(self) -> zmq.asyncio.Socket:
+    def _ensure(self) -> zmq.Socket:
         if self._sock is None:
             check_listening(self.path)
-            self._ctx = zmq.asyncio.Context()
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.connect(f"ipc://{self.path}")
-            self._sock = sock
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._sock = new_dealer(self.path)
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._drain)
         return self._sock
 
-    async def _read(self) -> None:
-        assert self._sock is not None
-        while True:
-            frame = await self._sock.recv()
+    def _drain(self) -> None:
+        sock = self._sock
+        while sock is not None and sock.get(_EVENTS) & _POLLIN:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
             try:
                 rid, kind, body = decode_reply(frame, MAX_REPLY_BYTES)
             except MeshError:
@@ -73,19 +80,38 @@ class AsyncClient:
                 except MeshError as exc:
                     fut.set_exception(exc)
 
+    def _flush(self) -> None:
+        """Send what is queued; retry shortly while the connection is not up yet."""
+        self._retry = None
+        sock = self._sock
+        if sock is None:
+            return
+        while self._outbox:
+            try:
+                sock.send(self._outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                assert self._loop is not None
+                self._retry = self._loop.call_later(0.002, self._flush)
+                break
+            self._outbox.pop(0)
+        self._drain()                 # a send can consume the FD's edge: look for replies
+
     async def call(self, command: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         limit = self.timeout if timeout is None else timeout
-        sock = self._ensure()
+        self._ensure()
         req_id = next(self._ids)
         frame = encode_request(req_id, command, args)
         if len(frame) > self.max_frame_bytes:
             raise TooLarge(f"request of {len(frame)} bytes is over the "
                            f"{self.max_frame_bytes}-byte limit")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._waiting[req_id] = fut
+        self._outbox.append(frame)
+        if self._retry is None:
+            self._flush()
         try:
             async with asyncio.timeout(limit):
-                await sock.send(frame)
                 return await fut
         except TimeoutError:
             check_listening(self.path)
@@ -96,17 +122,18 @@ class AsyncClient:
             self._waiting.pop(req_id, None)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
             self._sock.close(linger=0)
-        if self._ctx is not None:
-            self._ctx.term()
-        self._sock = self._ctx = self._reader = None
+        self._sock = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiting.clear()
 
 
 class _AsyncBase:
