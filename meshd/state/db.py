@@ -16,12 +16,15 @@ from pathlib import Path
 
 from meshd.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "meshd.db"
 CACHE_KIB = 64 * 1024        # page cache per connection: keeps index pages hot under load
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+
+-- Version vector: for each other node, the version through which we hold all its changes.
+CREATE TABLE IF NOT EXISTS origins (origin TEXT PRIMARY KEY, known INTEGER NOT NULL) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS sessions (
     session_id   TEXT PRIMARY KEY,

@@ -1,0 +1,163 @@
+"""Replication at the store level: what this node knows, what a peer lacks, and a merge
+that gives the same visible state whatever the order, duplication or grouping of records.
+
+- Knowledge is a version vector: for each origin, the highest version up to which this
+  node holds every change of that origin (or what superseded it). `digest()` returns it.
+- `export(origin, after)` lists that origin's records above `after`, oldest first, with
+  the version the batch is complete through; records superseded here are not shipped
+  (whatever superseded them is shipped under its own origin).
+- `apply()` merges records: a session record replaces the row only if its (hlc, origin) is
+  greater (last writer wins); a memory entry is added unless a deletion covers it; a
+  deletion removes the entries it covers, including ones that arrive later.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from meshd.state import memory
+from meshd.state.hlc import physical_ms
+
+if TYPE_CHECKING:
+    from meshd.state.store import Store
+
+_SESSION_COLS = ("session_id, agent_name, agent_type, status, started_at, last_ping, human_user, "
+                 "location, capabilities, current_task, metadata, host, deleted, origin, version, "
+                 "hlc")
+_ENTRY_COLS = ("entry_id, key, type, value, session_id, timestamp, ttl, tags, metadata, origin, "
+               "version, hlc")
+
+
+def _pack(v: Any) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+def _unpack(b: bytes) -> Any:
+    return msgpack.unpackb(b, raw=False)
+
+
+def known(store: "Store", origin: str) -> int:
+    if origin == store.node_id:
+        return store.version
+    row = store.conn.execute("SELECT known FROM origins WHERE origin = ?", (origin,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def digest(store: "Store") -> dict[str, int]:
+    """origin -> version through which this node has all of that origin's changes."""
+    out = {o: int(k) for o, k in store.conn.execute("SELECT origin, known FROM origins")}
+    out[store.node_id] = store.version
+    return out
+
+
+def export(store: "Store", origin: str, after: int, limit: int = 1000
+           ) -> tuple[list[dict[str, Any]], int]:
+    """Up to `limit` records of `origin` above version `after`, and the version this answer
+    is complete through (the receiver may advance its knowledge to it)."""
+    c = store.conn
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for r in c.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE origin = ? AND version > ? "
+                       "ORDER BY version LIMIT ?", (origin, after, limit)):
+        rows.append((r[14], {
+            "kind": "session", "session_id": r[0], "agent_name": r[1], "agent_type": r[2],
+            "status": r[3], "started_at": r[4], "last_ping": r[5], "human_user": r[6],
+            "location": r[7], "capabilities": _unpack(r[8]), "current_task": r[9],
+            "metadata": _unpack(r[10]), "host": r[11], "deleted": bool(r[12]), "origin": r[13],
+            "version": r[14], "hlc": r[15]}))
+    for r in c.execute(f"SELECT {_ENTRY_COLS} FROM memory WHERE origin = ? AND version > ? "
+                       "ORDER BY version LIMIT ?", (origin, after, limit)):
+        rows.append((r[10], {
+            "kind": "entry", "entry_id": r[0], "key": r[1], "type": r[2], "value": _unpack(r[3]),
+            "session_id": r[4], "timestamp": r[5], "ttl": r[6], "tags": _unpack(r[7]),
+            "metadata": _unpack(r[8]), "origin": r[9], "version": r[10], "hlc": r[11]}))
+    for r in c.execute("SELECT key, session_id, origin, version, hlc FROM deletions "
+                       "WHERE origin = ? AND version > ? ORDER BY version LIMIT ?",
+                       (origin, after, limit)):
+        rows.append((r[3], {"kind": "deletion", "key": r[0], "session_id": r[1], "origin": r[2],
+                            "version": r[3], "hlc": r[4]}))
+    rows.sort(key=lambda x: x[0])
+    complete = known(store, origin)
+    if len(rows) > limit:
+        rows = rows[:limit]
+    if rows and (len(rows) == limit):
+        through = rows[-1][0]
+    else:
+        through = complete
+    return [r for _, r in rows], through
+
+
+def apply(store: "Store", origin: str, after: int, through: int,
+          records: list[dict[str, Any]]) -> int:
+    """Merge validated records of `origin` (inside the caller's write transaction).
+    Returns how many changed the visible state. Knowledge of `origin` advances to
+    `through` only if it reached `after`, so a gap is never papered over."""
+    changed = 0
+    for rec in records:
+        store.hlc.witness(rec["hlc"])
+        kind = rec["kind"]
+        if kind == "session":
+            changed += _merge_session(store, rec)
+        elif kind == "entry":
+            changed += _merge_entry(store, rec)
+        elif kind == "deletion":
+            changed += _merge_deletion(store, rec)
+    if origin != store.node_id and known(store, origin) >= after and through > after:
+        store.conn.execute("INSERT INTO origins VALUES (?, ?) ON CONFLICT (origin) DO UPDATE "
+                           "SET known = MAX(known, excluded.known)", (origin, through))
+    return changed
+
+
+def _merge_session(store: "Store", r: dict[str, Any]) -> int:
+    row = store.conn.execute("SELECT hlc, origin FROM sessions WHERE session_id = ?",
+                             (r["session_id"],)).fetchone()
+    if row is not None and (row[0], row[1]) >= (r["hlc"], r["origin"]):
+        return 0
+    store.conn.execute(
+        f"INSERT OR REPLACE INTO sessions ({_SESSION_COLS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (r["session_id"], r["agent_name"], r["agent_type"], r["status"], r["started_at"],
+         r["last_ping"], r["human_user"], r["location"], _pack(r["capabilities"]),
+         r["current_task"], _pack(r["metadata"]), r["host"], int(r["deleted"]), r["origin"],
+         r["version"], r["hlc"]))
+    store.conn.execute("DELETE FROM session_caps WHERE session_id = ?", (r["session_id"],))
+    if not r["deleted"]:
+        store.conn.executemany("INSERT OR IGNORE INTO session_caps VALUES (?, ?)",
+                               [(cap, r["session_id"]) for cap in r["capabilities"]])
+    return 1
+
+
+def _covered(store: "Store", r: dict[str, Any]) -> bool:
+    return store.conn.execute(
+        "SELECT 1 FROM deletions WHERE (key IS NULL OR key = ?) "
+        "AND (session_id IS NULL OR session_id = ?) AND hlc >= ? LIMIT 1",
+        (r["key"], r["session_id"], r["hlc"])).fetchone() is not None
+
+
+def _merge_entry(store: "Store", r: dict[str, Any]) -> int:
+    if _covered(store, r):
+        return 0
+    expires = None if r["ttl"] is None else physical_ms(r["hlc"]) + int(r["ttl"] * 1000)
+    cur = store.conn.execute(
+        "INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp, ttl,"
+        " expires_ms, tags, metadata, origin, version, hlc) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (r["entry_id"], r["key"], r["type"], _pack(r["value"]), r["session_id"], r["timestamp"],
+         r["ttl"], expires, _pack(r["tags"]), _pack(r["metadata"]), r["origin"], r["version"],
+         r["hlc"]))
+    if cur.rowcount == 0:
+        return 0
+    if r["tags"]:
+        store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
+                               [(t, r["hlc"], r["entry_id"]) for t in set(r["tags"])])
+    return 1
+
+
+def _merge_deletion(store: "Store", r: dict[str, Any]) -> int:
+    cur = store.conn.execute("INSERT OR IGNORE INTO deletions (origin, version, hlc, key, "
+                             "session_id) VALUES (?, ?, ?, ?, ?)",
+                             (r["origin"], r["version"], r["hlc"], r["key"], r["session_id"]))
+    if cur.rowcount == 0:
+        return 0
+    return 1 if memory.remove_covered(store, r["key"], r["session_id"], r["hlc"]) else 0
