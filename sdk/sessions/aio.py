@@ -9,9 +9,11 @@ deadline. With a directory, calls run against the store directly.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -22,13 +24,18 @@ from sessions._backend import directory_store
 from sessions._client import (
     MAX_REPLY_BYTES, check_listening, default_timeout, new_dealer, raise_error, resolve_socket,
 )
-from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 from meshd.config import Config
+from meshd.wire.schema import enum_value
+from sessions._stream import DirectoryStream, MessageStream, Stream
+from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
+
+log = logging.getLogger("sessions.aio")
 
 # Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
-__all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory"]
+__all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory",
+           "AsyncMessageStream"]
 
 
 class AsyncClient:
@@ -189,7 +196,99 @@ class AsyncSessionRegistry(_AsyncBase):
         return await self._run(ops.clear_offline())
 
 
+class AsyncMessageStream:
+    """The asyncio face of a message stream: `async for msg in stream`, or
+    `await stream.next(timeout)`. The blocking stream waits in a worker thread, so the
+    event loop never blocks; `cursor` resumes a later stream where this one stopped."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    @property
+    def cursor(self) -> int | None:
+        return self._stream.cursor
+
+    async def next(self, timeout: float | None = None) -> Message | None:
+        return await asyncio.to_thread(self._stream.next, 0.5 if timeout is None else timeout)
+
+    def __aiter__(self) -> "AsyncMessageStream":
+        return self
+
+    async def __anext__(self) -> Message:
+        while not self._stream.closed:
+            msg = await asyncio.to_thread(self._stream.next, 0.5)
+            if msg is not None:
+                return msg
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self._stream.closed = True
+        self._stream.close()
+
+
 class AsyncCollaborationHub(_AsyncBase):
+    """Like CollaborationHub: messages live in `messages_path` if given, else where
+    `registry` (an AsyncSessionRegistry) keeps its state, else in this host's meshd."""
+
+    def __init__(self, registry: "AsyncSessionRegistry | None" = None,
+                 messages_path: str | os.PathLike[str] | None = None, *,
+                 socket: str | None = None, timeout: float | None = None,
+                 client: AsyncClient | None = None) -> None:
+        if messages_path is None and registry is not None:
+            super().__init__(None, socket=socket, timeout=timeout, client=registry._client)
+            self._store, self._client = registry._store, registry._client
+            self._owns_client = False
+        else:
+            super().__init__(messages_path, socket=socket, timeout=timeout, client=client)
+            self._owns_client = True
+        self.registry = registry
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+
+    async def subscribe(self, session_id: str | None = None, cursor: int | None = None,
+                        types: list[MessageType | str] | None = None) -> AsyncMessageStream:
+        """Messages arriving from now on (or after `cursor`), as in the blocking hub."""
+        values = [enum_value(t, MessageType, "types") for t in (types or [])]
+        if self._store is not None:
+            return AsyncMessageStream(DirectoryStream(self._store, session_id, cursor, values))
+        assert self._client is not None
+        path = self._client.path
+        stream = await asyncio.to_thread(MessageStream, path, session_id, cursor, values)
+        return AsyncMessageStream(stream)
+
+    async def register_handler(self, message_type: MessageType | str,
+                               handler: Callable[[Message], Any],
+                               session_id: str | None = None) -> None:
+        """Call handler(message) (awaited if it is a coroutine function) on this loop for
+        each message of that type arriving from now on."""
+        mtype = enum_value(message_type, MessageType, "message_type")
+        stream = await self.subscribe(session_id, types=[mtype])
+
+        async def pump() -> None:
+            async for msg in stream:
+                try:
+                    result = handler(msg)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("message handler %r failed", handler)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        task.stream = stream  # type: ignore[attr-defined]
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._handler_tasks):
+            task.stream.close()  # type: ignore[attr-defined]
+            task.cancel()
+        for task in list(self._handler_tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._owns_client:
+            await super().close()
+
     async def send(self, from_session: str, to_session: str, type: MessageType | str,
                    subject: str, body: str, data: dict[str, Any] | None = None,
                    in_reply_to: str | None = None) -> Message:
