@@ -44,6 +44,11 @@ class Config:
     expiry_interval: float = 5.0          # s between purges of TTL-expired memory entries
     checkpoint_interval: float = 1.0      # s between WAL checkpoints (shorter = smaller WAL,
                                           # longer = fewer pauses of the loop)
+    journal_flush_delay: float = 0.005    # s a journaled set may wait before it is folded
+                                          # into SQLite (reads and other writes fold at once)
+    journal_flush_max: int = 1024         # queued sets that trigger folding right away
+    journal_batch_max: int = 8            # larger batches of sets skip the journal: one
+                                          # group commit already amortises SQLite for them
     # --- clients -----------------------------------------------------------------------
     client_timeout: float = 10.0          # s, default deadline of one SDK call
 

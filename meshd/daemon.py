@@ -51,6 +51,9 @@ class Daemon:
         self._lock_data_dir(Path(cfg.data_dir))
         self.store = Store(cfg.data_dir, durability=cfg.durability,
                            stale_after=cfg.session_stale_after, exclusive=True)
+        recovered = self.store.enable_journal(fsync=cfg.durability == "fsync")
+        if recovered:
+            log.info("folded %d journaled set(s) left by the last run into the store", recovered)
         self._ctx = zmq.asyncio.Context()
         self.ipc = IPCServer(cfg, self.store, self._ctx, self.info)
         await self.ipc.start()

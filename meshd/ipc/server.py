@@ -86,6 +86,7 @@ class IPCServer:
         self._raw: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -116,6 +117,9 @@ class IPCServer:
         log.info("serving the local API on ipc://%s", self.path)
 
     def stop(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._raw is None:
             return
         if self._loop is not None:
@@ -192,11 +196,18 @@ class IPCServer:
                 store_work.append((ident, req_id, command, args))
             else:
                 local_work.append((ident, req_id, command, args))
-        if store_work:
+        journaled = (self.store.journal is not None
+                     and 0 < len(store_work) <= self.config.journal_batch_max
+                     and all(w[2] == "memory.set" for w in store_work))
+        if journaled:
+            replies.extend(self._run_journaled(store_work))
+        elif store_work:
             replies.extend(self._run_store_batch(store_work))
         for ident, frame in replies:
             self._send(ident, frame)
-        if store_work:
+        if journaled:
+            self._schedule_flush()
+        elif store_work:
             self.streams.publish(self.store.take_events())
         for ident, req_id, command, args in local_work:
             self._run_local(ident, req_id, command, args)
@@ -206,6 +217,41 @@ class IPCServer:
         self.counters[f"rejected.{code}"] += 1
         if ident is not None:
             replies.append((ident, encode_error(req_id, code, message)))
+
+    def _run_journaled(self, work: list[tuple[bytes, int, str, dict[str, Any]]]
+                       ) -> list[tuple[bytes, bytes]]:
+        """A batch of memory sets: one journal append, then the acknowledgements. The sets
+        reach SQLite moments later (`_flush`), and before any read or other write."""
+        assert self.store.journal is not None
+        frames = [self.store.log_set(args) for _, _, _, args in work]
+        try:
+            self.store.journal.append(frames)
+        except OSError as exc:
+            del self.store.pending[-len(frames):]
+            log.error("journal append failed, %d set(s) not applied: %s", len(work), exc)
+            self.counters["error.store_error"] += len(work)
+            return [(ident, encode_error(req_id, "store_error", f"journal write failed: {exc}"))
+                    for ident, req_id, _, _ in work]
+        self.counters["ok.memory.set"] += len(work)
+        return [(ident, encode_reply(req_id, OK, {"entry_id": args["entry"]["entry_id"]}))
+                for ident, req_id, _, args in work]
+
+    def _schedule_flush(self) -> None:
+        assert self._loop is not None
+        if len(self.store.pending) >= self.config.journal_flush_max:
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = self._loop.call_later(self.config.journal_flush_delay,
+                                                      self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        try:
+            self.store.flush()
+        except MeshError as exc:            # stays queued (and journaled); retried later
+            log.error("folding journaled sets into the store failed: %s", exc)
+            if self._loop is not None:
+                self._flush_timer = self._loop.call_later(1.0, self._flush)
 
     def _run_store_batch(self, work: list[tuple[bytes, int, str, dict[str, Any]]]
                          ) -> list[tuple[bytes, bytes]]:
@@ -229,7 +275,10 @@ class IPCServer:
         out: list[tuple[bytes, bytes]] = []
         ok: Counter[str] = Counter()
         try:
-            # A lone read is one statement: SQLite's implicit transaction is enough.
+            # A lone read is one statement: SQLite's implicit transaction is enough
+            # (after folding in journaled sets, so it reads them).
+            if read_only and len(work) == 1 and self.store.pending:
+                self.store.flush()
             tx = (nullcontext() if read_only and len(work) == 1
                   else self.store.read() if read_only else self.store.write())
             with tx:

@@ -47,13 +47,14 @@ def _query(store: "Store", where: str, params: tuple[Any, ...], tail: str = _NEW
     return [_row(r) for r in store.conn.execute(sql, (_now_ms(store), *params))]
 
 
-def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
+def set_entry(store: "Store", a: dict[str, Any],
+              stamp: tuple[int, int] | None = None) -> dict[str, Any]:
     """Add an entry. Idempotent on entry_id, so a client may safely retry a set.
 
     The answer is only the id: the client already holds the entry it sent, and echoing a
     large value back would cost both sides on every set."""
     e = a["entry"]
-    version, hlc = store.stamp()
+    version, hlc = store.stamp() if stamp is None else stamp
     expires = None if e["ttl"] is None else physical_ms(hlc) + int(e["ttl"] * 1000)
     cur = store.conn.execute(
         "INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp, ttl, expires_ms,"
@@ -61,12 +62,13 @@ def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
         (e["entry_id"], e["key"], e["type"], _pack(e["value"]), e["session_id"], e["timestamp"],
          e["ttl"], expires, _pack(e["tags"]), _pack(e["metadata"]), store.node_id, version, hlc))
     if cur.rowcount == 0:               # a retry of a set we already stored
-        store.version -= 1
-        return {"entry_id": e["entry_id"], "stored": False}
+        if stamp is None:
+            store.version -= 1
+        return {"entry_id": e["entry_id"]}
     if e["tags"]:
         store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
                                [(t, hlc, e["entry_id"]) for t in set(e["tags"])])
-    return {"entry_id": e["entry_id"], "stored": True}
+    return {"entry_id": e["entry_id"]}
 
 
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 from meshd.errors import StoreError
 from meshd.state import commands, db
 from meshd.state.hlc import HLC
+from meshd.state.journal import Journal
 
 #: A stream event produced by a write: (session_id or None for the node-wide log, seq, message)
 Event = tuple[str | None, int, dict[str, Any]]
@@ -41,11 +42,15 @@ class Store:
         self.lock = threading.RLock()
         self.pid = os.getpid()          # a forked child must open its own connection
         self.conn = db.connect(self.data_dir, durability, exclusive=exclusive)
+        # Blind writes (memory sets) go through a journal when the daemon asks for one.
+        self.journal: Journal | None = None
+        self.pending: list[list[Any]] = []
         self.hlc = HLC(0, wall)
         self.version = 0
         self.events: list[Event] = []
         self._in_tx = False
         self._loaded = False
+        self._persisted = (0, 0)       # the counters as last committed to meta
         self.node_id = self._load_identity()
 
     # --- identity and counters --------------------------------------------------------------
@@ -65,11 +70,13 @@ class Store:
             "SELECT k, v FROM meta WHERE k IN ('version', 'clock')").fetchall())
         self.version = max(self.version, int(rows.get("version", 0)))
         self.hlc.last = max(self.hlc.last, int(rows.get("clock", 0)))
+        self._persisted = (int(rows.get("version", 0)), int(rows.get("clock", 0)))
         self._loaded = True
 
     def _save_counters(self) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('version', ?), ('clock', ?)",
                           (self.version, self.hlc.last))
+        self._persisted = (self.version, self.hlc.last)
 
     def stamp(self) -> tuple[int, int]:
         """The (version, hlc) for the next change made by this node."""
@@ -81,6 +88,49 @@ class Store:
 
     # --- transactions ----------------------------------------------------------------------
 
+    # --- the journal ---------------------------------------------------------------------
+
+    def enable_journal(self, fsync: bool) -> int:
+        """Log blind writes before SQLite (daemon only); folds in what a crash left behind.
+        Returns how many records were recovered."""
+        self.journal = Journal(self.data_dir, fsync=fsync)
+        recovered = self.journal.read_all()
+        if recovered:
+            for rec in recovered:
+                self.version = max(self.version, int(rec[2]))
+                self.hlc.witness(int(rec[3]))
+            self.pending = recovered
+            self.flush()
+        return len(recovered)
+
+    def log_set(self, args: dict[str, Any]) -> bytes:
+        """Stamp a validated memory.set, queue it, and return its journal frame. The caller
+        appends the frames of a batch and only then acknowledges."""
+        version, hlc = self.stamp()
+        rec = ["memory.set", args, version, hlc]
+        self.pending.append(rec)
+        return Journal.frame(rec)
+
+    def flush(self) -> int:
+        """Fold queued journal records into SQLite (one transaction), then empty the
+        journal. Every read and every other write calls this first."""
+        if not self.pending:
+            return 0
+        from meshd.state import memory
+        records, self.pending = self.pending, []
+        try:
+            with self.write():
+                for _, args, version, hlc in records:
+                    memory.set_entry(self, args, stamp=(version, hlc))
+        except BaseException:
+            self.pending = records + self.pending
+            raise
+        if self.journal is not None and not self.pending:
+            self.journal.clear()
+        return len(records)
+
+    # --- transactions ----------------------------------------------------------------------
+
     @contextmanager
     def write(self) -> Iterator[None]:
         """One write transaction; commits on success, rolls back (counters too) on error."""
@@ -88,20 +138,26 @@ class Store:
             if self._in_tx:
                 yield
                 return
+            if self.pending:
+                self.flush()
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot begin a transaction: {exc}") from exc
             self._in_tx = True
             saved = (self.version, self.hlc.last, len(self.events))
+            saved_persisted = self._persisted
             try:
                 if self.shared or not self._loaded:
                     self._load_counters()
                 yield
-                if (self.version, self.hlc.last) != saved[:2]:
+                persisted = self._persisted
+                if (self.version, self.hlc.last) != persisted:
                     self._save_counters()
                 self.conn.execute("COMMIT")
             except BaseException as exc:
+                if self._persisted != saved_persisted:
+                    self._persisted = saved_persisted
                 self._rollback(saved)
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"database error: {exc}") from exc
@@ -142,6 +198,8 @@ class Store:
             if self._in_tx:
                 yield
                 return
+            if self.pending:
+                self.flush()
             self.conn.execute("BEGIN")
             self._in_tx = True
             try:
@@ -173,6 +231,14 @@ class Store:
 
     def close(self) -> None:
         with self.lock:
+            if self.pending and not self._in_tx:
+                try:
+                    self.flush()
+                except StoreError:
+                    pass                 # the journal keeps them for the next start
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
             if not self._in_tx:
                 try:
                     db.checkpoint(self.conn, self.data_dir)
