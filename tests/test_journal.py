@@ -22,7 +22,7 @@ for i in range(int(sys.argv[2])):
     args = validate_args("memory.set", {"entry": {
         "entry_id": f"e{i}", "type": "state", "key": f"k{i}", "value": i, "session_id": "s",
         "timestamp": "t", "ttl": None, "tags": ["x"], "metadata": {}}})
-    frames.append(store.log_set(args))
+    frames.append(store.log_write("memory.set", args))
 store.journal.append(frames)     # acknowledged from here on
 print(store.version, flush=True)
 os._exit(0)                      # dies before anything reaches SQLite

@@ -28,7 +28,7 @@ from meshd.config import Config
 from meshd.errors import MeshError, StoreError
 from meshd.ipc.streams import Streams
 from meshd.state import commands
-from meshd.state.store import Store
+from meshd.state.store import JOURNALED, Store
 from meshd.wire.ipc import OK, decode_request, encode_error, encode_reply, validate_args
 
 log = logging.getLogger("meshd.ipc")
@@ -133,11 +133,19 @@ class IPCServer:
             pass
 
     def housekeeping(self) -> None:
+        self.streams.publish(self.store.take_events())   # from writes folded by timers
+        self._recheck()
         dropped = self.streams.expire()
         if dropped:
             log.info("dropped %d idle stream subscription(s)", dropped)
 
     # --- receiving -------------------------------------------------------------------------
+
+    def _recheck(self) -> None:
+        """After sending from outside `_drain`: a send lets ZeroMQ consume the socket's
+        readability edge, so look for waiting requests ourselves."""
+        if self._raw is not None and self._raw.get(_EVENTS) & _POLLIN:
+            self._wake()
 
     def _wake(self) -> None:
         """Drain again on the next loop turn (other tasks get to run in between)."""
@@ -198,7 +206,7 @@ class IPCServer:
                 local_work.append((ident, req_id, command, args))
         journaled = (self.store.journal is not None
                      and 0 < len(store_work) <= self.config.journal_batch_max
-                     and all(w[2] == "memory.set" for w in store_work))
+                     and all(w[2] in JOURNALED for w in store_work))
         if journaled:
             replies.extend(self._run_journaled(store_work))
         elif store_work:
@@ -220,26 +228,43 @@ class IPCServer:
 
     def _run_journaled(self, work: list[tuple[bytes, int, str, dict[str, Any]]]
                        ) -> list[tuple[bytes, bytes]]:
-        """A batch of memory sets: one journal append, then the acknowledgements. The sets
-        reach SQLite moments later (`_flush`), and before any read or other write."""
+        """A small batch of memory sets and sends: one journal append, then the answers.
+        The writes reach SQLite moments later (`_flush`), and before any read or other
+        write; a send whose recipient is unknown is refused before it is logged."""
         assert self.store.journal is not None
-        frames = [self.store.log_set(args) for _, _, _, args in work]
+        frames: list[bytes] = []
+        out: list[tuple[bytes, bytes]] = []
+        for ident, req_id, command, args in work:
+            try:
+                frames.append(self.store.log_write(command, args))
+            except MeshError as exc:
+                self.counters[f"error.{exc.code}"] += 1
+                out.append((ident, encode_error(req_id, exc.code, str(exc))))
+                continue
+            key = "message" if command == "message.send" else "entry"
+            answer = {f"{key}_id": args[key][f"{key}_id"]}
+            out.append((ident, encode_reply(req_id, OK, answer)))
+            self.counters[f"ok.{command}"] += 1
         try:
             self.store.journal.append(frames)
         except OSError as exc:
-            del self.store.pending[-len(frames):]
-            log.error("journal append failed, %d set(s) not applied: %s", len(work), exc)
+            if frames:
+                del self.store.pending[-len(frames):]
+            log.error("journal append failed, %d write(s) not applied: %s", len(frames), exc)
             self.counters["error.store_error"] += len(work)
             return [(ident, encode_error(req_id, "store_error", f"journal write failed: {exc}"))
                     for ident, req_id, _, _ in work]
-        self.counters["ok.memory.set"] += len(work)
-        return [(ident, encode_reply(req_id, OK, {"entry_id": args["entry"]["entry_id"]}))
-                for ident, req_id, _, args in work]
+        return out
 
     def _schedule_flush(self) -> None:
+        """Fold soon; at once when it is large, or when a subscriber waits for a message."""
         assert self._loop is not None
         if len(self.store.pending) >= self.config.journal_flush_max:
             self._flush()
+        elif self.streams.subs and any(r[0] == "message.send" for r in self.store.pending):
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            self._flush_timer = self._loop.call_soon(self._flush)  # type: ignore[assignment]
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self.config.journal_flush_delay,
                                                       self._flush)
@@ -248,6 +273,8 @@ class IPCServer:
         self._flush_timer = None
         try:
             self.store.flush()
+            self.streams.publish(self.store.take_events())
+            self._recheck()
         except MeshError as exc:            # stays queued (and journaled); retried later
             log.error("folding journaled sets into the store failed: %s", exc)
             if self._loop is not None:

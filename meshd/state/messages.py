@@ -35,14 +35,18 @@ def _recipients(store: "Store", m: dict[str, Any]) -> list[str]:
     return [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
 
 
-def send(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
+def check_recipient(store: "Store", m: dict[str, Any]) -> None:
+    if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
+        raise NotFound(f"unknown session: {m['to_session']}")
+
+
+def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str, Any]:
     """Store a message and put it in its recipients' inboxes (every local session but the
     sender for a broadcast). A direct message to an unknown session is an error. The
     answer is the id and how many inboxes got it (0 for a retry already stored)."""
     m = a["message"]
-    if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
-        raise NotFound(f"unknown session: {m['to_session']}")
-    hlc = store.hlc.now()
+    check_recipient(store, m)
+    hlc = store.hlc.now() if hlc is None else hlc
     cur = store.conn.execute(
         "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body, data,"
         " timestamp, in_reply_to, origin, hlc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

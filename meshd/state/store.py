@@ -24,6 +24,10 @@ from meshd.state import commands, db
 from meshd.state.hlc import HLC
 from meshd.state.journal import Journal
 
+#: Writes that may be acknowledged from the journal: nothing about them can fail once
+#: they are validated and checked, so folding them later gives the same answer.
+JOURNALED = frozenset({"memory.set", "message.send"})
+
 #: A stream event produced by a write: (session_id or None for the node-wide log, seq, message)
 Event = tuple[str | None, int, dict[str, Any]]
 
@@ -97,17 +101,23 @@ class Store:
         recovered = self.journal.read_all()
         if recovered:
             for rec in recovered:
-                self.version = max(self.version, int(rec[2]))
+                self.version = max(self.version, int(rec[2]))   # messages log version 0
                 self.hlc.witness(int(rec[3]))
             self.pending = recovered
             self.flush()
         return len(recovered)
 
-    def log_set(self, args: dict[str, Any]) -> bytes:
-        """Stamp a validated memory.set, queue it, and return its journal frame. The caller
-        appends the frames of a batch and only then acknowledges."""
-        version, hlc = self.stamp()
-        rec = ["memory.set", args, version, hlc]
+    def log_write(self, command: str, args: dict[str, Any]) -> bytes:
+        """Check and stamp a validated journaled write (see JOURNALED), queue it, and return
+        its journal frame. The caller appends the frames of a batch and only then
+        acknowledges. Raises (and queues nothing) when the write would be refused."""
+        if command == "message.send":
+            from meshd.state import messages
+            messages.check_recipient(self, args["message"])
+            rec = [command, args, 0, self.hlc.now()]     # messages carry no version
+        else:
+            version, hlc = self.stamp()
+            rec = [command, args, version, hlc]
         self.pending.append(rec)
         return Journal.frame(rec)
 
@@ -116,12 +126,15 @@ class Store:
         journal. Every read and every other write calls this first."""
         if not self.pending:
             return 0
-        from meshd.state import memory
+        from meshd.state import memory, messages
         records, self.pending = self.pending, []
         try:
             with self.write():
-                for _, args, version, hlc in records:
-                    memory.set_entry(self, args, stamp=(version, hlc))
+                for command, args, version, hlc in records:
+                    if command == "message.send":
+                        messages.send(self, args, hlc=hlc)
+                    else:
+                        memory.set_entry(self, args, stamp=(version, hlc))
         except BaseException:
             self.pending = records + self.pending
             raise
