@@ -45,6 +45,11 @@ def check_value(value: Any, field: str = "value") -> Any:
     """Check that a user value is made only of what msgpack (and JSON users) can carry:
     None, bool, int (64-bit), float, str, bytes, lists and str-keyed maps; tuples become
     lists. Returns the normalised value. Raises InvalidArgument before anything is sent."""
+    kind = type(value)
+    if kind is str or kind is bytes or kind is float or kind is bool or value is None:
+        return value                                   # the common case, checked fast
+    if kind is dict and not value:
+        return value
     stack: list[tuple[Any, int]] = [(value, 0)]
     needs_copy = False
     while stack:

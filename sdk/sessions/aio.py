@@ -32,7 +32,7 @@ from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Sessi
 log = logging.getLogger("sessions.aio")
 
 # Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call.
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 __all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory",
            "AsyncMessageStream"]
@@ -54,7 +54,7 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._outbox: list[bytes] = []
-        self._retry: asyncio.TimerHandle | None = None
+        self._retry: asyncio.Handle | None = None     # a pending send pass
         self._ids = itertools.count(1)
 
     def _ensure(self) -> zmq.Socket:
@@ -69,7 +69,7 @@ class AsyncClient:
         sock = self._sock
         while sock is not None and sock.get(_EVENTS) & _POLLIN:
             try:
-                frame = sock.recv(zmq.NOBLOCK)
+                frame = sock.recv(_NOBLOCK)
             except zmq.Again:
                 break
             try:
@@ -95,7 +95,7 @@ class AsyncClient:
             return
         while self._outbox:
             try:
-                sock.send(self._outbox[0], zmq.NOBLOCK)
+                sock.send(self._outbox[0], _NOBLOCK)
             except zmq.Again:
                 assert self._loop is not None
                 self._retry = self._loop.call_later(0.002, self._flush)
@@ -116,7 +116,8 @@ class AsyncClient:
         self._waiting[req_id] = fut
         self._outbox.append(frame)
         if self._retry is None:
-            self._flush()
+            # One send pass per loop turn: calls started together (gather) go out together.
+            self._retry = self._loop.call_soon(self._flush)  # type: ignore[assignment]
         try:
             async with asyncio.timeout(limit):
                 return await fut
