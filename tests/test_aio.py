@@ -90,3 +90,27 @@ def test_async_stream_and_handler(where):
             for x in (reg, hub, mem):
                 await x.close()
     asyncio.run(main())
+
+
+def test_async_calls_time_out_when_the_daemon_hangs(daemon):
+    import os
+    import signal
+    import time
+
+    from sessions import Timeout
+
+    async def main():
+        mem = AsyncSharedMemory(socket=daemon.socket, timeout=0.5)
+        await mem.set("s", "k", 1)
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(mem.get("k") for _ in range(20)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, Timeout) for r in results), results
+            assert time.monotonic() - t0 < 3
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert await mem.get("k") == 1
+        await mem.close()
+    asyncio.run(main())

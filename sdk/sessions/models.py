@@ -22,8 +22,14 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
+    """The keys of `d` that are fields of `cls` (the daemon may send more)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = frozenset(f.name for f in fields(cls))
     return {k: v for k, v in d.items() if k in names}
 
 
