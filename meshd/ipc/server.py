@@ -204,12 +204,10 @@ class IPCServer:
                 store_work.append((ident, req_id, command, args))
             else:
                 local_work.append((ident, req_id, command, args))
-        # The journal is for latency: a few writes at a time while the daemon is not busy.
-        # Under load (big batches, or writes already queued) one group commit costs less
-        # than journaling and folding the same writes.
+        # The journal is for latency: a few writes at a time. Under load (big batches) one
+        # group commit costs less than journaling and folding the same writes.
         journaled = (self.store.journal is not None
                      and 0 < len(store_work) <= self.config.journal_batch_max
-                     and len(self.store.pending) < self.config.journal_batch_max
                      and all(w[2] in JOURNALED for w in store_work))
         if journaled:
             replies.extend(self._run_journaled(store_work))
