@@ -111,8 +111,12 @@ def clear_offline() -> Op:
 
 def send(from_session: str, to_session: str | None, type: MessageType | str, subject: str,
          body: str, data: dict[str, Any] | None = None, in_reply_to: str | None = None) -> Op:
-    msg = Message.new(type, from_session, to_session, subject, body, data, in_reply_to)
-    return Op("message.send", {"message": msg.to_dict()}, Message.from_dict, echo="message")
+    # A plain dict (not Message.new(...).to_dict(): asdict deep-copies, and this is a hot path).
+    message = {"message_id": str(uuid.uuid4()), "type": _enum(type), "from_session": from_session,
+               "to_session": to_session, "subject": subject, "body": body,
+               "data": {} if data is None else data, "timestamp": now_iso(),
+               "in_reply_to": in_reply_to}
+    return Op("message.send", {"message": message}, Message.from_dict, echo="message")
 
 
 def broadcast(from_session: str, subject: str, body: str,
