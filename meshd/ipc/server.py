@@ -220,7 +220,11 @@ class IPCServer:
         elif store_work:
             self.streams.publish(self.store.take_events())
         for ident, req_id, command, args in local_work:
-            self._run_local(ident, req_id, command, args)
+            try:
+                self._run_local(ident, req_id, command, args)
+            except Exception:                    # one bad command must not skip the rest
+                log.exception("command %s failed", command)
+                self.counters["internal_errors"] += 1
 
     def _reject(self, replies: list[tuple[bytes, bytes]], ident: bytes | None, req_id: int | None,
                 code: str, message: str) -> None:
@@ -350,7 +354,9 @@ class IPCServer:
             if command == "stream.subscribe":
                 result = self.streams.subscribe(ident, req_id, args)
                 self._send(ident, encode_reply(req_id, OK, result))
-                self.streams.pump(self.streams.subs[result["sub"]])
+                sub = self.streams.subs.get(result["sub"])
+                if sub is not None:             # gone if the client vanished before the reply
+                    self.streams.pump(sub)
                 return
             if command == "stream.ack":
                 result = self.streams.ack(ident, args)

@@ -323,6 +323,8 @@ def memory_get(c: Ctx, key: str, all_entries: bool, as_json: bool) -> None:
         entries = memory.get_all(key)
         if as_json:
             emit_json([e.to_dict() for e in entries])
+            if not entries:
+                sys.exit(1)                     # like the other forms of a missing key
             return
         if not entries:
             fail(f"Key not found: {key}")
