@@ -12,7 +12,6 @@ from meshd.errors import InvalidArgument, ProtocolError, TooLarge
 #: and bounding it keeps validation iterative-cheap and recursion-safe.
 MAX_DEPTH = 32
 
-_SCALARS = (str, bytes, bool, int, float, type(None))
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
@@ -41,45 +40,64 @@ def unpack(data: bytes, max_bytes: int) -> Any:
         raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}") from exc
 
 
+_PLAIN = frozenset({str, bytes, float, bool, type(None)})
+
+
 def check_value(value: Any, field: str = "value") -> Any:
     """Check that a user value is made only of what msgpack (and JSON users) can carry:
     None, bool, int (64-bit), float, str, bytes, lists and str-keyed maps; tuples become
     lists. Returns the normalised value. Raises InvalidArgument before anything is sent."""
-    kind = type(value)
-    if kind is str or kind is bytes or kind is float or kind is bool or value is None:
+    if type(value) in _PLAIN:
         return value                                   # the common case, checked fast
-    if kind is dict and not value:
-        return value
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    needs_copy = False
-    while stack:
-        v, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise InvalidArgument(f"{field} is nested more than {MAX_DEPTH} levels deep")
-        if isinstance(v, bool) or v is None or isinstance(v, (str, bytes, float)):
-            continue
-        if isinstance(v, int):
-            if not _INT_MIN <= v <= _INT_MAX:
-                raise InvalidArgument(f"{field} holds an integer out of the 64-bit range: {v}")
-            continue
-        if isinstance(v, (list, tuple)):
-            needs_copy = needs_copy or isinstance(v, tuple)
-            stack.extend((x, depth + 1) for x in v)
-            continue
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if not isinstance(k, str):
-                    raise InvalidArgument(f"{field} has a non-string map key {k!r}")
-                stack.append((x, depth + 1))
-            continue
-        raise InvalidArgument(f"{field} holds a {type(v).__name__}, which cannot be stored "
-                              "(use None, bool, int, float, str, bytes, list or dict)")
-    return _detuple(value) if needs_copy else value
+    return _detuple(value) if _walk(value, 0, field) else value
+
+
+def _walk(v: Any, depth: int, field: str) -> bool:
+    """Validate recursively (depth is bounded); True when a tuple needs copying to a list."""
+    t = type(v)
+    if t in _PLAIN:
+        return False
+    if t is int:
+        if not _INT_MIN <= v <= _INT_MAX:
+            raise InvalidArgument(f"{field} holds an integer out of the 64-bit range: {v}")
+        return False
+    if depth >= MAX_DEPTH:
+        raise InvalidArgument(f"{field} is nested more than {MAX_DEPTH} levels deep")
+    if t is dict:
+        copy = False
+        for k, x in v.items():
+            if type(k) is not str and not isinstance(k, str):
+                raise InvalidArgument(f"{field} has a non-string map key {k!r}")
+            if type(x) not in _PLAIN:
+                copy = _walk(x, depth + 1, field) or copy
+        return copy
+    if t is list or t is tuple:
+        copy = t is tuple
+        for x in v:
+            if type(x) not in _PLAIN:
+                copy = _walk(x, depth + 1, field) or copy
+        return copy
+    # subclasses (str-valued enums, IntEnum, OrderedDict, ...) take the slow path once
+    if isinstance(v, (str, bytes, float)):
+        return False
+    if isinstance(v, int):
+        return _walk(int(v), depth, field)
+    if isinstance(v, dict):
+        return _walk(dict(v), depth, field) or True
+    if isinstance(v, (list, tuple)):
+        return _walk(list(v), depth, field) or True
+    raise InvalidArgument(f"{field} holds a {type(v).__name__}, which cannot be stored "
+                          "(use None, bool, int, float, str, bytes, list or dict)")
 
 
 def _detuple(v: Any) -> Any:
+    """A copy with tuples (and list/dict subclasses) made plain lists and dicts."""
     if isinstance(v, (list, tuple)):
         return [_detuple(x) for x in v]
     if isinstance(v, dict):
         return {k: _detuple(x) for k, x in v.items()}
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int) and type(v) is not int:
+        return int(v)
     return v
