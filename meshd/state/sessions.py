@@ -31,9 +31,8 @@ def _unpack(b: bytes) -> Any:
     return msgpack.unpackb(b, raw=False)
 
 
-def _effective(store: "Store") -> str:
-    """SQL for the effective status, with one parameter: the staleness cutoff."""
-    return "CASE WHEN status != 'offline' AND last_ping < ? THEN 'offline' ELSE status END"
+#: SQL for the effective status, with one parameter: the staleness cutoff.
+_EFFECTIVE = "CASE WHEN status != 'offline' AND last_ping < ? THEN 'offline' ELSE status END"
 
 
 def _row(store: "Store", r: tuple[Any, ...]) -> dict[str, Any]:
@@ -47,7 +46,7 @@ def _row(store: "Store", r: tuple[Any, ...]) -> dict[str, Any]:
 
 def _select(store: "Store", where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     cutoff = store.now() - store.stale_after
-    sql = (f"SELECT {_COLS}, {_effective(store)} AS eff FROM sessions "
+    sql = (f"SELECT {_COLS}, {_EFFECTIVE} AS eff FROM sessions "
            f"WHERE deleted = 0 {where} ORDER BY started_at, session_id")
     return [_row(store, r) for r in store.conn.execute(sql, (cutoff, *params))]
 
