@@ -32,7 +32,7 @@ class Config:
     socket_mode: int = 0o600              # owner-only; the system service uses 0o660
     # --- sizes -------------------------------------------------------------------------
     max_frame_bytes: int = 1 * MiB        # largest request/record accepted; larger = error
-    max_batch: int = 1024                 # requests applied per transaction (group commit)
+    max_batch: int = 64                 # requests applied per transaction (group commit)
     # --- durability --------------------------------------------------------------------
     durability: str = "process"           # see DURABILITY_MODES
     # --- sessions ----------------------------------------------------------------------
@@ -42,13 +42,13 @@ class Config:
     stream_idle_timeout: float = 30.0     # s without ack/renew before a stream is dropped
     # --- housekeeping ------------------------------------------------------------------
     expiry_interval: float = 5.0          # s between purges of TTL-expired memory entries
-    checkpoint_interval: float = 1.0      # s between WAL checkpoints (shorter = smaller WAL,
-                                          # longer = fewer pauses of the loop)
-    journal_flush_delay: float = 0.005    # s a journaled set may wait before it is folded
-                                          # into SQLite (reads and other writes fold at once)
-    journal_flush_max: int = 1024         # queued sets that trigger folding right away
-    journal_batch_max: int = 8            # larger batches of sets skip the journal: one
-                                          # group commit already amortises SQLite for them
+    checkpoint_interval: float = 1.0      # s between WAL checkpoints, made by the fold
+                                          # thread (shorter = smaller WAL)
+    journal_flush_delay: float = 0.005    # s a journaled write may wait before it goes to
+                                          # the fold thread (reads and other writes fold at once)
+    journal_handoff: int = 32             # queued writes that go to the fold thread at once
+    journal_flush_max: int = 4096         # queued writes that make the loop fold them itself
+                                          # (the fold thread is behind: backpressure)
     # --- clients -----------------------------------------------------------------------
     client_timeout: float = 10.0          # s, default deadline of one SDK call
 
@@ -60,7 +60,8 @@ class Config:
     @classmethod
     def test(cls, **overrides: object) -> "Config":
         """Short timers so tests converge quickly on loopback."""
-        base = replace(cls(), stream_idle_timeout=5.0, expiry_interval=0.5, client_timeout=5.0)
+        base = replace(cls(), stream_idle_timeout=5.0, expiry_interval=0.5, client_timeout=5.0,
+                       checkpoint_interval=0.2)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_(self, **overrides: object) -> "Config":

@@ -58,7 +58,6 @@ class Daemon:
         self.ipc = IPCServer(cfg, self.store, self._ctx, self.info)
         await self.ipc.start()
         self._spawn(self._housekeeping())
-        self._spawn(self._checkpoints())
         log.info("meshd %s ready: node %s, data in %s, durability=%s", __version__,
                  self.store.node_id, cfg.data_dir, cfg.durability)
 
@@ -90,18 +89,6 @@ class Daemon:
                 self.ipc.housekeeping()
             except MeshError as exc:
                 log.warning("housekeeping failed: %s", exc)
-
-    async def _checkpoints(self) -> None:
-        """Fold the WAL into the database between requests rather than inside a commit."""
-        while True:
-            await asyncio.sleep(self.config.checkpoint_interval)
-            try:
-                assert self.store is not None
-                self.store.checkpoint()
-            except MeshError as exc:
-                log.warning("checkpoint failed: %s", exc)
-            except Exception as exc:        # sqlite3.Error: keep serving, try again later
-                log.warning("checkpoint failed: %s", exc)
 
     def info(self) -> dict[str, Any]:
         assert self.store is not None and self.ipc is not None

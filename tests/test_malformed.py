@@ -628,3 +628,81 @@ def test_sdk_rejects_bad_input_before_anything_is_sent(daemon):
     assert state(daemon) == before_state
     assert daemon.alive()
     assert mem.set("a", "k", "fine").value == "fine" and mem.get("k") == "fine"
+
+
+# --- batch frames (several requests in one frame, see meshd.wire.ipc) -----------------------
+
+def batch(items: Any, version: Any = 1) -> bytes:
+    return msgpack.packb([version, 0, "batch", items])
+
+
+def entry_item(req_id: int, key: str) -> list[Any]:
+    return [req_id, "memory.set", {"entry": {
+        "entry_id": f"batch-{key}", "type": "state", "key": key, "value": 1, "session_id": "a",
+        "timestamp": "t", "ttl": None, "tags": ["batch"], "metadata": {}}}]
+
+
+def test_a_batch_answers_each_item_alone(daemon):
+    raw = Raw(daemon.socket)
+    try:
+        reply = raw.ask(batch([
+            entry_item(1, "b-ok1"),
+            [2, "memory.get", {"key": "b-ok1"}],
+            [3, "memory.set", {"entry": {"key": "no-id"}}],       # invalid: only this fails
+            [4, "nope.command", {}],
+            [5, "stream.subscribe", {}],                           # not allowed in a batch
+            ["x", "memory.get", {"key": "b-ok1"}],                 # unreadable req_id
+            [6, 7, {}],                                            # command not a string
+            "not an item",
+            entry_item(8, "b-ok2"),
+        ]))
+        assert reply[0] is None and reply[1] == 3, reply        # [nil, BATCH, [...]]
+        by_id = {}
+        for rid, kind, body in reply[2]:
+            by_id.setdefault(rid, []).append((kind, body))
+        assert len(reply[2]) == 9
+        assert by_id[1] == [(0, {"entry_id": "batch-b-ok1"})]
+        assert by_id[8] == [(0, {"entry_id": "batch-b-ok2"})]
+        assert by_id[2][0][0] == 0                               # answered (before or after
+        assert by_id[3][0][0] == 1 and by_id[3][0][1]["code"] == "invalid_argument"  # the set)
+        assert by_id[4][0][1]["code"] == "unknown_command"
+        assert by_id[5][0][1]["code"] == "bad_request"
+        assert by_id[6][0][1]["code"] == "bad_request"
+        assert [k for k, _ in by_id[None]] == [1, 1]
+        mem = daemon.memory()
+        assert mem.get("b-ok1") == 1 and mem.get("b-ok2") == 1
+        assert mem.get("no-id") is None
+        c = counters(daemon)
+        assert c["rejected.bad_request"] >= 4 and c["rejected.unknown_command"] >= 1
+        # Broken batches as a whole: an error for the frame, and the daemon goes on.
+        for bad, code in [(batch([]), "bad_request"), (batch({"a": 1}), "bad_request"),
+                          (batch([entry_item(i, f"x{i}") for i in range(1025)]), "bad_request"),
+                          (batch([entry_item(1, "v9")], version=9), "unsupported_version")]:
+            r = raw.ask(bad)
+            assert r[1] == 1 and r[2]["code"] == code, (r, code)
+        assert mem.get("x0") is None and mem.get("v9") is None
+        assert raw.ask(req(77, "memory.get", {"key": "b-ok2"}))[:2] == [77, 0]
+    finally:
+        raw.close()
+
+
+def test_big_batch_answers_are_split_under_the_frame_limit(make_daemon):
+    """Many large answers to one batch come back in several frames, none over the limit."""
+    d = make_daemon(args=["--max-frame", str(64 * 1024)])
+    d.memory().set("a", "big", "v" * 30_000)
+    raw = Raw(d.socket)
+    try:
+        raw.send(batch([[i, "memory.get", {"key": "big"}] for i in range(1, 11)]))
+        seen, frames = [], 0
+        while len(seen) < 10:
+            raw.sock.poll(REPLY_TIMEOUT_MS)
+            frame = raw.sock.recv(zmq.NOBLOCK)
+            assert len(frame) <= 64 * 1024 + 64
+            reply = msgpack.unpackb(frame, raw=False)
+            assert reply[1] == 3
+            frames += 1
+            seen += [rid for rid, kind, body in reply[2] if kind == 0
+                     and body["value"] == "v" * 30_000]
+        assert sorted(seen) == list(range(1, 11)) and frames >= 5
+    finally:
+        raw.close()

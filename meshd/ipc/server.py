@@ -28,8 +28,12 @@ from meshd.config import Config
 from meshd.errors import MeshError, StoreError
 from meshd.ipc.streams import Streams
 from meshd.state import commands
+from meshd.state.folder import FoldThread
 from meshd.state.store import JOURNALED, Store
-from meshd.wire.ipc import OK, decode_request, encode_error, encode_reply, validate_args
+from meshd.wire.ipc import (
+    BATCH_COMMAND, BATCHABLE, OK, decode_items, decode_request, encode_batch_replies, encode_error,
+    encode_reply, validate_args,
+)
 
 log = logging.getLogger("meshd.ipc")
 
@@ -37,6 +41,9 @@ log = logging.getLogger("meshd.ipc")
 MAX_SOCKET_PATH = 107
 
 NodeInfo = Callable[[], dict[str, Any]]
+
+#: A request to run: (client ident, req_id, command, validated args, batch group or None).
+Work = tuple[bytes, int, str, dict[str, Any], "int | None"]
 
 # Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call on the hot path.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -87,6 +94,7 @@ class IPCServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._folder: FoldThread | None = None
         self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -113,6 +121,12 @@ class IPCServer:
         self._raw = zmq.Socket.shadow(sock.underlying)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._raw.getsockopt(zmq.FD), self._drain)
+        if self.store.journal is not None:
+            loop = self._loop
+            self._folder = FoldThread(
+                self.store, lambda error: loop.call_soon_threadsafe(self._folded, error),
+                self.config.checkpoint_interval)
+            self._folder.start()
         self._wake()
         log.info("serving the local API on ipc://%s", self.path)
 
@@ -120,6 +134,9 @@ class IPCServer:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        if self._folder is not None:
+            self._folder.stop()             # the store folds the rest when it closes
+            self._folder = None
         if self._raw is None:
             return
         if self._loop is not None:
@@ -163,9 +180,14 @@ class IPCServer:
         if raw is None:
             return
         batch: list[list[bytes]] = []
+        budget = 4 * self.config.max_frame_bytes       # a few big batch frames at most
         try:
             while len(batch) < self.config.max_batch and raw.get(_EVENTS) & _POLLIN:
-                batch.append(raw.recv_multipart(zmq.NOBLOCK))
+                frames = raw.recv_multipart(zmq.NOBLOCK)
+                batch.append(frames)
+                budget -= len(frames[-1]) if frames else 0
+                if budget <= 0:
+                    break
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:                       # never let the loop die on a socket
@@ -180,9 +202,36 @@ class IPCServer:
             self._wake()                                     # more waiting: yield, then continue
 
     def _process(self, batch: list[list[bytes]]) -> None:
+        # Replies to single requests go out as they are; replies to the items of a batch
+        # frame are collected in that frame's group and sent together (see wire.ipc).
         replies: list[tuple[bytes, bytes]] = []
-        store_work: list[tuple[bytes, int, str, dict[str, Any]]] = []
-        local_work: list[tuple[bytes, int, str, dict[str, Any]]] = []
+        groups: list[tuple[bytes, list[bytes]]] = []
+        store_work: list[Work] = []
+        local_work: list[Work] = []
+
+        def answer(ident: bytes, group: int | None, frame: bytes) -> None:
+            if group is None:
+                replies.append((ident, frame))
+            else:
+                groups[group][1].append(frame)
+
+        def take(ident: bytes, group: int | None, req_id: int, command: str, raw: Any) -> None:
+            try:
+                args = validate_args(command, raw)
+            except MeshError as exc:
+                self.counters[f"rejected.{exc.code}"] += 1
+                answer(ident, group, encode_error(req_id, exc.code, str(exc)))
+                return
+            if group is None or command in BATCHABLE:
+                if command in commands.HANDLERS:
+                    store_work.append((ident, req_id, command, args, group))
+                else:
+                    local_work.append((ident, req_id, command, args, group))
+            else:
+                self.counters["rejected.bad_request"] += 1
+                answer(ident, group, encode_error(req_id, "bad_request",
+                                                  f"{command} cannot be sent in a batch"))
+
         for frames in batch:
             self.counters["requests"] += 1
             if len(frames) != 2:
@@ -192,34 +241,44 @@ class IPCServer:
             ident, frame = frames
             try:
                 req_id, command, raw_args = decode_request(frame, self.config.max_frame_bytes)
+                items = decode_items(raw_args) if command == BATCH_COMMAND else None
             except MeshError as exc:
                 self._reject(replies, ident, getattr(exc, "req_id", None), exc.code, str(exc))
                 continue
-            try:
-                args = validate_args(command, raw_args)
-            except MeshError as exc:
-                self._reject(replies, ident, req_id, exc.code, str(exc))
+            if items is None:
+                take(ident, None, req_id, command, raw_args)
                 continue
-            if command in commands.HANDLERS:
-                store_work.append((ident, req_id, command, args))
-            else:
-                local_work.append((ident, req_id, command, args))
-        # The journal is for latency: a few writes at a time. Under load (big batches) one
-        # group commit costs less than journaling and folding the same writes.
-        journaled = (self.store.journal is not None
-                     and 0 < len(store_work) <= self.config.journal_batch_max
+            groups.append((ident, []))
+            group = len(groups) - 1
+            self.counters["requests"] += len(items) - 1
+            for item_id, item_command, item_args in items:
+                if item_command is None:
+                    self.counters["rejected.bad_request"] += 1
+                    answer(ident, group, encode_error(item_id, "bad_request", item_args))
+                else:
+                    take(ident, group, item_id, item_command, item_args)
+        # Sets and sends are answered from the journal and folded into SQLite by the fold
+        # thread; a batch with anything else is one group commit on the loop.
+        journaled = (self._folder is not None and bool(store_work)
                      and all(w[2] in JOURNALED for w in store_work))
         if journaled:
-            replies.extend(self._run_journaled(store_work))
+            results = self._run_journaled(store_work)
         elif store_work:
-            replies.extend(self._run_store_batch(store_work))
+            results = self._run_store_batch(store_work)
+        else:
+            results = []
+        for w, frame in zip(store_work, results):
+            answer(w[0], w[4], frame)
         for ident, frame in replies:
             self._send(ident, frame)
+        for ident, frames in groups:
+            for out in encode_batch_replies(frames, self.config.max_frame_bytes):
+                self._send(ident, out)
         if journaled:
             self._schedule_flush()
         elif store_work:
             self.streams.publish(self.store.take_events())
-        for ident, req_id, command, args in local_work:
+        for ident, req_id, command, args, _ in local_work:
             try:
                 self._run_local(ident, req_id, command, args)
             except Exception:                    # one bad command must not skip the rest
@@ -232,62 +291,91 @@ class IPCServer:
         if ident is not None:
             replies.append((ident, encode_error(req_id, code, message)))
 
-    def _run_journaled(self, work: list[tuple[bytes, int, str, dict[str, Any]]]
-                       ) -> list[tuple[bytes, bytes]]:
+    def _run_journaled(self, work: list[Work]) -> list[bytes]:
         """A small batch of memory sets and sends: one journal append, then the answers.
         The writes reach SQLite moments later (`_flush`), and before any read or other
         write; a send whose recipient is unknown is refused before it is logged."""
         assert self.store.journal is not None
-        frames: list[bytes] = []
-        out: list[tuple[bytes, bytes]] = []
-        for ident, req_id, command, args in work:
+        records: list[Any] = []
+        out: list[bytes] = []
+        for _, req_id, command, args, _ in work:
             try:
-                frames.append(self.store.log_write(command, args))
+                records.append(self.store.log_write(command, args))
             except MeshError as exc:
                 self.counters[f"error.{exc.code}"] += 1
-                out.append((ident, encode_error(req_id, exc.code, str(exc))))
+                out.append(encode_error(req_id, exc.code, str(exc)))
                 continue
             key = "message" if command == "message.send" else "entry"
             answer = {f"{key}_id": args[key][f"{key}_id"]}
-            out.append((ident, encode_reply(req_id, OK, answer)))
+            out.append(encode_reply(req_id, OK, answer))
             self.counters[f"ok.{command}"] += 1
         try:
-            self.store.journal.append(frames)
+            self.store.journal.append(records)
         except OSError as exc:
-            if frames:
-                del self.store.pending[-len(frames):]
-            log.error("journal append failed, %d write(s) not applied: %s", len(frames), exc)
+            if records:
+                del self.store.pending[-len(records):]
+            log.error("journal append failed, %d write(s) not applied: %s", len(records), exc)
             self.counters["error.store_error"] += len(work)
-            return [(ident, encode_error(req_id, "store_error", f"journal write failed: {exc}"))
-                    for ident, req_id, _, _ in work]
+            return [encode_error(w[1], "store_error", f"journal write failed: {exc}")
+                    for w in work]
         return out
 
     def _schedule_flush(self) -> None:
-        """Fold soon; at once when it is large, or when a subscriber waits for a message."""
+        """Hand journaled writes to the fold thread: at once when enough are queued, else
+        after a short delay (so one lone set does not wake the thread); fold in place when
+        the thread falls far behind (backpressure) or a subscriber waits for a message."""
         assert self._loop is not None
-        if len(self.store.pending) >= self.config.journal_flush_max:
+        pending = self.store.pending
+        if len(pending) >= self.config.journal_flush_max:
             self._flush()
-        elif self.streams.subs and any(r[0] == "message.send" for r in self.store.pending):
+        elif self.streams.subs and any(r[0] == "message.send" for r in pending):
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
             self._flush_timer = self._loop.call_soon(self._flush)  # type: ignore[assignment]
+        elif len(pending) >= self.config.journal_handoff:
+            self._hand_off()
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self.config.journal_flush_delay,
-                                                      self._flush)
+                                                      self._timer)
+
+    def _hand_off(self) -> None:
+        if self._folder is not None and self.store.hand_off():
+            self._folder.kick()
+
+    def _timer(self) -> None:
+        self._flush_timer = None
+        self._hand_off()
+
+    def _folded(self, error: BaseException | None) -> None:
+        """On the loop, after the fold thread committed a batch (or failed to)."""
+        if error is not None:
+            log.error("folding journaled writes into the store failed (kept, retried): %s",
+                      error)
+            self.counters["fold_errors"] += 1
+            if self._loop is not None and self._folder is not None:
+                self._loop.call_later(1.0, self._folder.kick)
+            return
+        self.store.finish_hand_off()
+        self.streams.publish(self.store.take_events())
+        if self.store.pending and self._flush_timer is None:
+            self._hand_off()
+        self._recheck()
 
     def _flush(self) -> None:
+        """Fold everything queued now, on the loop."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         self._flush_timer = None
         try:
             self.store.flush()
             self.streams.publish(self.store.take_events())
             self._recheck()
         except MeshError as exc:            # stays queued (and journaled); retried later
-            log.error("folding journaled sets into the store failed: %s", exc)
+            log.error("folding journaled writes into the store failed: %s", exc)
             if self._loop is not None:
                 self._flush_timer = self._loop.call_later(1.0, self._flush)
 
-    def _run_store_batch(self, work: list[tuple[bytes, int, str, dict[str, Any]]]
-                         ) -> list[tuple[bytes, bytes]]:
+    def _run_store_batch(self, work: list[Work]) -> list[bytes]:
         """Apply a batch in one transaction; replies are valid only once it has committed.
 
         Most batches have no failing request, so the batch first runs without per-request
@@ -303,19 +391,19 @@ class IPCServer:
                 self.counters["batch_retries"] += 1
         return self._apply(work, read_only, isolate=True)
 
-    def _apply(self, work: list[tuple[bytes, int, str, dict[str, Any]]], read_only: bool,
-               isolate: bool) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
+    def _apply(self, work: list[Work], read_only: bool, isolate: bool) -> list[bytes]:
+        """One frame per request of `work`, in its order."""
+        out: list[bytes] = []
         ok: Counter[str] = Counter()
         try:
             # A lone read is one statement: SQLite's implicit transaction is enough
             # (after folding in journaled sets, so it reads them).
-            if read_only and len(work) == 1 and self.store.pending:
+            if read_only and len(work) == 1 and self.store.unfolded:
                 self.store.flush()
             tx = (nullcontext() if read_only and len(work) == 1
                   else self.store.read() if read_only else self.store.write())
             with tx:
-                for ident, req_id, command, args in work:
+                for _, req_id, command, args, _ in work:
                     try:
                         if isolate and not read_only and len(work) > 1:
                             with self.store.savepoint():
@@ -326,24 +414,23 @@ class IPCServer:
                         if not isolate:
                             raise _BatchFailed() from exc
                         self.counters[f"error.{exc.code}"] += 1
-                        out.append((ident, encode_error(req_id, exc.code, str(exc))))
+                        out.append(encode_error(req_id, exc.code, str(exc)))
                         continue
                     except Exception as exc:   # a bug in one command must not fail the batch
                         if not isolate:
                             raise _BatchFailed() from exc
                         log.exception("command %s failed", command)
                         self.counters["internal_errors"] += 1
-                        out.append((ident, encode_error(req_id, "internal",
-                                                        f"{type(exc).__name__}: {exc}")))
+                        out.append(encode_error(req_id, "internal",
+                                                f"{type(exc).__name__}: {exc}"))
                         continue
-                    out.append((ident, encode_reply(req_id, OK, result)))
+                    out.append(encode_reply(req_id, OK, result))
                     ok[command] += 1
         except StoreError as exc:
             log.error("commit failed, %d request(s) not applied: %s", len(work), exc)
             self.counters["error.store_error"] += len(work)
             self.store.take_events()
-            return [(ident, encode_error(req_id, exc.code, str(exc)))
-                    for ident, req_id, _, _ in work]
+            return [encode_error(w[1], exc.code, str(exc)) for w in work]
         for command, n in ok.items():
             self.counters[f"ok.{command}"] += n
         return out
@@ -392,6 +479,10 @@ class IPCServer:
         return False
 
     def stats(self) -> dict[str, Any]:
+        folder = self._folder
         return {"counters": dict(self.counters), "subscriptions": len(self.streams.subs),
+                "folded": folder.folded if folder else 0,
+                "checkpoints": folder.checkpoints if folder else 0,
+                "unfolded": len(self.store.pending) + len(self.store.folding or ()),
                 "pushed": self.streams.pushed,
                 "dropped_subscriptions": self.streams.dropped_subscriptions}

@@ -56,7 +56,8 @@ class Streams:
 
     def subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         session_id = args["session_id"]
-        head = messages.head(self.store, session_id)
+        with self.store.lock:
+            head = messages.head(self.store, session_id)
         start = head if args["cursor"] is None else args["cursor"]
         if start > head:
             raise InvalidArgument(f"cursor {start} is ahead of the stream head {head}")
@@ -123,10 +124,13 @@ class Streams:
             room = sub.window - (sub.sent - sub.acked)
             if room <= 0 or sub.sub_id not in self.subs:
                 return
-            rows = messages.after(self.store, sub.session_id, sub.sent, room, sorted(sub.types))
+            with self.store.lock:
+                rows = messages.after(self.store, sub.session_id, sub.sent, room, sorted(sub.types))
             if not rows:
                 if sub.types:                   # skip past filtered-out events
-                    sub.sent = max(sub.sent, messages.head(self.store, sub.session_id))
+                    with self.store.lock:
+                        head = messages.head(self.store, sub.session_id)
+                    sub.sent = max(sub.sent, head)
                 return
             for seq, message in rows:
                 if not self._push(sub, seq, message):

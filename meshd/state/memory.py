@@ -47,28 +47,54 @@ def _query(store: "Store", where: str, params: tuple[Any, ...], tail: str = _NEW
     return [_row(r) for r in store.conn.execute(sql, (_now_ms(store), *params))]
 
 
-def set_entry(store: "Store", a: dict[str, Any],
-              stamp: tuple[int, int] | None = None) -> dict[str, Any]:
+_INSERT = ("INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp, ttl,"
+           " expires_ms, tags, metadata, origin, version, hlc)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_TAG = "INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)"
+# Only for an entry this very fold stored: a retried set (same entry_id, new stamp) is
+# skipped by the insert above and must not leave a tag row behind.
+_INSERT_TAG_IF_STORED = ("INSERT OR IGNORE INTO memory_tags SELECT ?, hlc, entry_id FROM memory"
+                         " WHERE entry_id = ? AND hlc = ?")
+_EMPTY_LIST, _EMPTY_MAP = _pack([]), _pack({})
+
+
+def _entry_row(store: "Store", e: dict[str, Any], version: int, hlc: int) -> tuple[Any, ...]:
+    expires = None if e["ttl"] is None else physical_ms(hlc) + int(e["ttl"] * 1000)
+    tags, meta = e["tags"], e["metadata"]
+    return (e["entry_id"], e["key"], e["type"], _pack(e["value"]), e["session_id"],
+            e["timestamp"], e["ttl"], expires, _pack(tags) if tags else _EMPTY_LIST,
+            _pack(meta) if meta else _EMPTY_MAP, store.node_id, version, hlc)
+
+
+def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
     """Add an entry. Idempotent on entry_id, so a client may safely retry a set.
 
     The answer is only the id: the client already holds the entry it sent, and echoing a
     large value back would cost both sides on every set."""
     e = a["entry"]
-    version, hlc = store.stamp() if stamp is None else stamp
-    expires = None if e["ttl"] is None else physical_ms(hlc) + int(e["ttl"] * 1000)
-    cur = store.conn.execute(
-        "INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp, ttl, expires_ms,"
-        " tags, metadata, origin, version, hlc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (e["entry_id"], e["key"], e["type"], _pack(e["value"]), e["session_id"], e["timestamp"],
-         e["ttl"], expires, _pack(e["tags"]), _pack(e["metadata"]), store.node_id, version, hlc))
+    version, hlc = store.stamp()
+    cur = store.conn.execute(_INSERT, _entry_row(store, e, version, hlc))
     if cur.rowcount == 0:               # a retry of a set we already stored
-        if stamp is None:
-            store.version -= 1
+        store.version -= 1
         return {"entry_id": e["entry_id"]}
     if e["tags"]:
-        store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
-                               [(t, hlc, e["entry_id"]) for t in set(e["tags"])])
+        store.conn.executemany(_INSERT_TAG, [(t, hlc, e["entry_id"]) for t in set(e["tags"])])
     return {"entry_id": e["entry_id"]}
+
+
+def set_entries(store: "Store", stamped: list[tuple[dict[str, Any], int, int]]) -> None:
+    """Fold journaled sets, each with the (version, hlc) it was given when logged, in two
+    statements. Idempotent: a set already stored (a replay, or a client's retry) is
+    skipped, and so are its tags."""
+    rows, tags = [], []
+    for a, version, hlc in stamped:
+        e = a["entry"]
+        rows.append(_entry_row(store, e, version, hlc))
+        if e["tags"]:
+            tags.extend((t, e["entry_id"], hlc) for t in set(e["tags"]))
+    store.conn.executemany(_INSERT, rows)
+    if tags:
+        store.conn.executemany(_INSERT_TAG_IF_STORED, tags)
 
 
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:

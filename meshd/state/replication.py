@@ -122,7 +122,9 @@ def _merge_session(store: "Store", r: dict[str, Any]) -> int:
          r["current_task"], _pack(r["metadata"]), r["host"], int(r["deleted"]), r["origin"],
          r["version"], r["hlc"]))
     store.conn.execute("DELETE FROM session_caps WHERE session_id = ?", (r["session_id"],))
-    if not r["deleted"]:
+    if r["deleted"]:
+        store.forget_sessions()
+    else:
         store.conn.executemany("INSERT OR IGNORE INTO session_caps VALUES (?, ?)",
                                [(cap, r["session_id"]) for cap in r["capabilities"]])
     return 1

@@ -148,6 +148,8 @@ def clear_offline(store: "Store", a: dict[str, Any]) -> int:
     ids = [r[0] for r in store.conn.execute(
         "SELECT session_id FROM sessions WHERE deleted = 0 AND "
         "(status = 'offline' OR last_ping < ?)", (cutoff,))]
+    if ids:
+        store.forget_sessions()
     for sid in ids:
         version, hlc = store.stamp()
         store.conn.execute("UPDATE sessions SET deleted = 1, origin = ?, version = ?, hlc = ? "

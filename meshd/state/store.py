@@ -34,7 +34,8 @@ Event = tuple[str | None, int, dict[str, Any]]
 
 class Store:
     """The node's durable state. Not thread-safe by itself: `lock` serialises users that
-    share one Store across threads (the SDK); the daemon uses it from its loop only."""
+    share one Store across threads (the SDK, and the daemon's loop and fold thread; see
+    `hand_off`). Every use of `conn` holds it."""
 
     def __init__(self, data_dir: str | Path, *, durability: str = "process", shared: bool = False,
                  stale_after: float = 300.0, wall: Callable[[], float] = time.time,
@@ -49,6 +50,13 @@ class Store:
         # Blind writes (memory sets) go through a journal when the daemon asks for one.
         self.journal: Journal | None = None
         self.pending: list[list[Any]] = []
+        self.folding: list[list[Any]] | None = None    # handed to the fold thread
+        self._folded = False
+        self._folding_segment = 0
+        self._events_lock = threading.Lock()
+        # Sessions seen to exist by log_write (committed state). Emptied whenever a session
+        # is deleted (`forget_sessions`), so a send to it is checked against SQLite again.
+        self.live_sessions: set[str] = set()
         self.hlc = HLC(0, wall)
         self.version = 0
         self.events: list[Event] = []
@@ -105,42 +113,131 @@ class Store:
                 self.hlc.witness(int(rec[3]))
             self.pending = recovered
             self.flush()
+        self.journal.clear()
         return len(recovered)
 
-    def log_write(self, command: str, args: dict[str, Any]) -> bytes:
+    def log_write(self, command: str, args: dict[str, Any]) -> list[Any]:
         """Check and stamp a validated journaled write (see JOURNALED), queue it, and return
-        its journal frame. The caller appends the frames of a batch and only then
+        its journal record. The caller appends the records of a batch and only then
         acknowledges. Raises (and queues nothing) when the write would be refused."""
         if command == "message.send":
-            from meshd.state import messages
-            messages.check_recipient(self, args["message"])
+            to = args["message"]["to_session"]
+            if to is not None and to not in self.live_sessions:
+                from meshd.state import messages
+                with self.lock:         # may wait for a fold: only on a session's first send
+                    messages.check_recipient(self, args["message"])
+                self.live_sessions.add(to)
             rec = [command, args, 0, self.hlc.now()]     # messages carry no version
         else:
             version, hlc = self.stamp()
             rec = [command, args, version, hlc]
         self.pending.append(rec)
-        return Journal.frame(rec)
+        return rec
+
+    # Folding in the background (the daemon): the loop thread logs writes into `pending`,
+    # then `hand_off()` moves them to `folding` and rotates the journal; the fold thread
+    # commits them with `fold_handed_off()`; back on the loop, `finish_hand_off()` empties
+    # their journal segment. `flush()` (every read and other write) folds whatever is
+    # still queued, handed off or not, in the calling thread, under `lock`.
+
+    @property
+    def unfolded(self) -> bool:
+        """Whether journaled writes are not yet in SQLite (queued or handed off)."""
+        return bool(self.pending) or self.folding is not None
+
+    def hand_off(self) -> bool:
+        """Loop thread: give the queued records to the fold thread. False when a batch is
+        still out or nothing is queued."""
+        if self.folding is not None or not self.pending or self.journal is None:
+            return False
+        self.folding, self.pending = self.pending, []
+        self._folding_segment = self.journal.rotate()
+        self._folded = False
+        return True
+
+    def fold_handed_off(self) -> int:
+        """Fold thread: commit the handed-off batch (unless a flush already did)."""
+        with self.lock:
+            records = self.folding
+            if records is None or self._folded or self._in_tx:
+                return 0
+            self._fold(records)
+            self._folded = True
+            return len(records)
+
+    def finish_hand_off(self) -> bool:
+        """Loop thread, after the fold thread is done: empty the batch's journal segment.
+        False when the batch is not committed (the fold failed; it stays queued)."""
+        if self.folding is None or not self._folded:
+            return False
+        assert self.journal is not None
+        self.journal.clear(self._folding_segment)
+        self.folding = None
+        return True
 
     def flush(self) -> int:
-        """Fold queued journal records into SQLite (one transaction), then empty the
-        journal. Every read and every other write calls this first."""
-        if not self.pending:
+        """Fold every queued journal record into SQLite now, in this thread. Every read
+        and every other write calls this first."""
+        if not self.unfolded:
             return 0
+        with self.lock:
+            n = 0
+            if self.folding is not None and not self._folded:
+                self._fold(self.folding)
+                self._folded = True
+                n += len(self.folding)
+            if self.pending:
+                records, self.pending = self.pending, []
+                try:
+                    self._fold(records)
+                except BaseException:
+                    self.pending = records + self.pending
+                    raise
+                n += len(records)
+                if self.journal is not None:
+                    self.journal.clear(self.journal.active)
+            if self.folding is not None:
+                self.finish_hand_off()
+            return n
+
+    def _fold(self, records: list[list[Any]]) -> None:
+        """One transaction for journaled records; the caller holds `lock`. Safe while the
+        loop thread logs more writes: it does not touch the counters the loop advances
+        (records carry their stamps), and its events are dropped if it rolls back."""
         from meshd.state import memory, messages
-        records, self.pending = self.pending, []
-        try:
-            with self.write():
+        with self._events_lock:
+            mark = len(self.events)
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot begin a transaction: {exc}") from exc
+            self._in_tx = True
+            try:
+                sets: list[tuple[dict[str, Any], int, int]] = []
                 for command, args, version, hlc in records:
                     if command == "message.send":
+                        if sets:                    # keep the order of sets and sends
+                            memory.set_entries(self, sets)
+                            sets = []
                         messages.send(self, args, hlc=hlc)
                     else:
-                        memory.set_entry(self, args, stamp=(version, hlc))
-        except BaseException:
-            self.pending = records + self.pending
-            raise
-        if self.journal is not None and not self.pending:
-            self.journal.clear()
-        return len(records)
+                        sets.append((args, version, hlc))
+                if sets:
+                    memory.set_entries(self, sets)
+                if (self.version, self.hlc.last) != self._persisted:
+                    self._save_counters()
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                del self.events[mark:]
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"database error: {exc}") from exc
+                raise
+            finally:
+                self._in_tx = False
 
     # --- transactions ----------------------------------------------------------------------
 
@@ -151,7 +248,7 @@ class Store:
             if self._in_tx:
                 yield
                 return
-            if self.pending:
+            if self.unfolded:
                 self.flush()
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -177,6 +274,9 @@ class Store:
                 raise
             finally:
                 self._in_tx = False
+
+    def forget_sessions(self) -> None:
+        self.live_sessions.clear()
 
     def _rollback(self, saved: tuple[int, int, int]) -> None:
         try:
@@ -211,7 +311,7 @@ class Store:
             if self._in_tx:
                 yield
                 return
-            if self.pending:
+            if self.unfolded:
                 self.flush()
             self.conn.execute("BEGIN")
             self._in_tx = True
@@ -233,7 +333,14 @@ class Store:
             return commands.run(self, command, args)
 
     def take_events(self) -> list[Event]:
-        events, self.events = self.events, []
+        """The events of committed writes. Never waits: while the fold thread is inside a
+        transaction its events are not final, and the caller gets them after it."""
+        if not self._events_lock.acquire(blocking=False):
+            return []
+        try:
+            events, self.events = self.events, []
+        finally:
+            self._events_lock.release()
         return events
 
     def checkpoint(self) -> None:
@@ -244,7 +351,7 @@ class Store:
 
     def close(self) -> None:
         with self.lock:
-            if self.pending and not self._in_tx:
+            if self.unfolded and not self._in_tx:
                 try:
                     self.flush()
                 except StoreError:

@@ -12,6 +12,16 @@ Reply (daemon -> client), echoing req_id::
     [req_id, ERROR, {"code": str, "message": str}]
     [req_id, EVENT, {"sub": int, "seq": int, "message": map}]   # live stream push
 
+Batch (several requests in one frame; the asyncio SDK sends one when calls are in flight
+together, which saves a ZeroMQ message and a wake-up per call on both sides)::
+
+    [version, 0, "batch", [[req_id, command, args], ...]]     # 1..MAX_BATCH_ITEMS items
+    [nil, BATCH, [[req_id, kind, body], ...]]                 # the answers, in one or more
+                                                              # frames, each under the limit
+
+Only store commands (registry, messages, memory) may be batched; each item is validated
+and answered on its own, exactly as if it had come alone.
+
 A frame that cannot be parsed far enough to read its req_id is answered with req_id nil.
 Error codes are the `code` attributes of `meshd.errors` (invalid_argument, not_found,
 too_large, bad_request, unsupported_version, unknown_command, ...).
@@ -39,7 +49,9 @@ from meshd.wire.codec import pack, unpack
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
-OK, ERROR, EVENT = 0, 1, 2
+OK, ERROR, EVENT, BATCH = 0, 1, 2, 3
+BATCH_COMMAND = "batch"
+MAX_BATCH_ITEMS = 1024
 
 _REQUIRED = object()
 _ABSENT = object()     # optional argument that is left out of the result when not given
@@ -176,6 +188,69 @@ def decode_request(frame: bytes, max_bytes: int) -> tuple[int, str, Any]:
     return req_id, command, args
 
 
+def encode_item(req_id: int, command: str, args: dict[str, Any]) -> bytes:
+    """One request of a batch, packed on its own so its size can be checked."""
+    return pack([req_id, command, args])
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_REQUEST_HEAD = pack(PROTOCOL_VERSION)
+_BATCH_HEAD = b"\x94" + _REQUEST_HEAD + pack(0) + pack(BATCH_COMMAND)
+_BATCH_REPLY_HEAD = b"\x93" + pack(None) + pack(BATCH)
+
+
+def encode_items(items: list[bytes]) -> bytes:
+    """The frame for packed items (`encode_item`): a plain request for one, else a batch.
+    Built by concatenation: msgpack arrays are their header followed by their elements."""
+    if len(items) == 1:
+        return b"\x94" + _REQUEST_HEAD + items[0][1:]       # [v] + the item's 3 elements
+    return _BATCH_HEAD + _array_header(len(items)) + b"".join(items)
+
+
+def decode_items(args: Any) -> list[tuple[int | None, Any, Any]]:
+    """The items of a batch request as (req_id, command, args); an item that is not
+    [req_id, command, args] comes back as (req_id or None, None, reason)."""
+    if not isinstance(args, list) or not 0 < len(args) <= MAX_BATCH_ITEMS:
+        raise ProtocolError(f"a batch is a list of 1 to {MAX_BATCH_ITEMS} requests")
+    out: list[tuple[int | None, Any, Any]] = []
+    for item in args:
+        if not isinstance(item, list) or len(item) != 3:
+            out.append((None, None, "a batch item must be [req_id, command, args]"))
+            continue
+        req_id, command, raw = item
+        if isinstance(req_id, bool) or not isinstance(req_id, int) or not 0 <= req_id < 2**63:
+            out.append((None, None, "req_id must be a non-negative 64-bit integer"))
+        elif not isinstance(command, str):
+            out.append((req_id, None, "command must be a string"))
+        else:
+            out.append((req_id, command, raw))
+    return out
+
+
+def encode_batch_replies(replies: list[bytes], max_bytes: int) -> list[bytes]:
+    """Frames carrying packed replies (`encode_reply`), each at most about `max_bytes`
+    (one reply larger than that goes alone)."""
+    frames: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for r in replies:
+        if group and size + len(r) > max_bytes:
+            frames.append(_BATCH_REPLY_HEAD + _array_header(len(group)) + b"".join(group))
+            group, size = [], 0
+        group.append(r)
+        size += len(r)
+    if group:
+        frames.append(_BATCH_REPLY_HEAD + _array_header(len(group)) + b"".join(group))
+    return frames
+
+
 def encode_reply(req_id: int | None, kind: int, body: Any) -> bytes:
     return pack([req_id, kind, body])
 
@@ -186,6 +261,12 @@ def encode_error(req_id: int | None, code: str, message: str) -> bytes:
 
 def decode_reply(frame: bytes, max_bytes: int) -> tuple[int | None, int, Any]:
     msg = unpack(frame, max_bytes)
-    if not isinstance(msg, list) or len(msg) != 3 or msg[1] not in (OK, ERROR, EVENT):
+    if not isinstance(msg, list) or len(msg) != 3 or msg[1] not in (OK, ERROR, EVENT, BATCH):
         raise ProtocolError("reply must be [req_id, kind, body]")
+    if msg[1] == BATCH and not isinstance(msg[2], list):
+        raise ProtocolError("a batch reply's body must be a list of replies")
     return msg[0], msg[1], msg[2]
+
+#: Commands that may be items of a batch: those the store answers (not streams, whose
+#: replies are followed by pushes, nor node information).
+BATCHABLE = frozenset(c for c in COMMANDS if not c.startswith(("stream.", "node.")))

@@ -99,6 +99,8 @@ def key(v: Any, field: str = "key") -> str:
 
 def enum_value(v: Any, enum: type[E], field: str) -> str:
     """Accept the enum member or its string value; return the string value."""
+    if type(v) is str and v in enum._value2member_map_:     # the common case, fast
+        return v
     if isinstance(v, enum):
         return v.value
     if isinstance(v, str):
@@ -121,6 +123,8 @@ def str_list(v: Any, field: str) -> list[str]:
         raise InvalidArgument(f"{field} must be a list of strings")
     if len(v) > MAX_LIST_LEN:
         raise InvalidArgument(f"{field} has more than {MAX_LIST_LEN} items")
+    if type(v) is list and all(type(x) is str and len(x) <= MAX_SHORT_LEN for x in v):
+        return v                                            # the common case, fast
     return [text(x, f"{field} item") for x in v]
 
 

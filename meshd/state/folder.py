@@ -1,0 +1,82 @@
+"""The fold thread: commits journaled writes to SQLite off the event loop, and checkpoints
+the WAL between folds.
+
+SQLite releases the GIL while it works, so while this thread commits one batch the loop
+goes on receiving, validating, journaling and answering the next: under load the two
+overlap instead of taking turns. There is one such thread per daemon, whatever the
+number of clients or peers. It only runs `Store.fold_handed_off()` and, every
+`checkpoint_interval`, `Store.checkpoint()` (copying the WAL back into the database, which
+would otherwise pause the loop); everything else (handing batches off, emptying journal
+segments, publishing events) stays on the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from meshd.state.store import Store
+
+log = logging.getLogger("meshd.fold")
+
+#: Called in the fold thread after each attempt, with the error or None; it must only
+#: hand the news to the loop (e.g. `loop.call_soon_threadsafe`).
+Done = Callable[[BaseException | None], None]
+
+
+class FoldThread:
+    def __init__(self, store: Store, done: Done, checkpoint_interval: float = 1.0) -> None:
+        self.store = store
+        self.done = done
+        self.checkpoint_interval = checkpoint_interval
+        self.folded = 0
+        self.checkpoints = 0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="meshd-fold", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def kick(self) -> None:
+        """A batch was handed off (Store.hand_off)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in progress, then end. What is still queued is folded by
+        `Store.close()` (or, after a crash, from the journal on the next start)."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        next_checkpoint = time.monotonic() + self.checkpoint_interval
+        while True:
+            woken = self._wake.wait(max(0.0, next_checkpoint - time.monotonic()))
+            if self._stopping:
+                return
+            if time.monotonic() >= next_checkpoint:
+                self._checkpoint()
+                next_checkpoint = time.monotonic() + self.checkpoint_interval
+            if not woken:
+                continue
+            self._wake.clear()
+            error: BaseException | None = None
+            try:
+                self.folded += self.store.fold_handed_off()
+            except Exception as exc:          # reported to the loop, which retries later
+                error = exc
+            try:
+                self.done(error)
+            except RuntimeError:              # the loop is closed: we are shutting down
+                return
+
+    def _checkpoint(self) -> None:
+        try:
+            self.store.checkpoint()
+            self.checkpoints += 1
+        except Exception as exc:              # keep folding; try again next time
+            log.warning("checkpoint failed: %s", exc)
