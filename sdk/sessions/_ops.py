@@ -5,12 +5,11 @@ and both backends (daemon or directory) run the same ops, so they cannot drift a
 from __future__ import annotations
 
 import socket
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from meshd.errors import InvalidArgument
-from sessions.models import now_iso, MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
+from sessions.models import new_id, now_iso, MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 
 _HOST = socket.gethostname()
 
@@ -112,7 +111,7 @@ def clear_offline() -> Op:
 def send(from_session: str, to_session: str | None, type: MessageType | str, subject: str,
          body: str, data: dict[str, Any] | None = None, in_reply_to: str | None = None) -> Op:
     # A plain dict (not Message.new(...).to_dict(): asdict deep-copies, and this is a hot path).
-    message = {"message_id": str(uuid.uuid4()), "type": _enum(type), "from_session": from_session,
+    message = {"message_id": new_id(), "type": _enum(type), "from_session": from_session,
                "to_session": to_session, "subject": subject, "body": body,
                "data": {} if data is None else data, "timestamp": now_iso(),
                "in_reply_to": in_reply_to}
@@ -164,7 +163,7 @@ def hub_stats() -> Op:
 def memory_set(session_id: str, key: str, value: Any, type: MemoryType | str = MemoryType.STATE,
                ttl: float | None = None, tags: list[str] | None = None,
                metadata: dict[str, Any] | None = None) -> Op:
-    entry = {"entry_id": str(uuid.uuid4()), "type": _enum(type), "key": key, "value": value,
+    entry = {"entry_id": new_id(), "type": _enum(type), "key": key, "value": value,
              "session_id": session_id, "timestamp": now_iso(),
              "ttl": ttl, "tags": [] if tags is None else tags, "metadata": metadata or {}}
     return Op("memory.set", {"entry": entry}, MemoryEntry.from_dict, echo="entry")

@@ -18,7 +18,9 @@ from typing import Any, Callable
 import zmq
 
 from meshd.errors import DaemonUnavailable, MeshError, Timeout, TooLarge
-from meshd.wire.ipc import ERROR, OK, decode_reply, encode_request, validate_args
+from meshd.wire.ipc import (
+    BATCH, BATCHABLE, ERROR, OK, decode_reply, encode_item, encode_items, validate_args,
+)
 from sessions import _ops as ops
 from sessions._backend import directory_store
 from sessions._client import (
@@ -32,6 +34,7 @@ from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Sessi
 log = logging.getLogger("sessions.aio")
 
 _SWEEP = 0.05      # s between deadline checks: a call's timeout is honoured to within this
+_BATCH_ITEMS = 256  # calls per batch frame at most
 
 
 class _Expired(Exception):
@@ -60,7 +63,7 @@ class AsyncClient:
         self._sock: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self._outbox: list[bytes] = []
+        self._outbox: list[tuple[bytes, bool]] = []   # (packed item, batchable)
         self._retry: asyncio.Handle | None = None     # a pending send pass
         self._ids = itertools.count(1)
         self._deadlines: list[tuple[float, int]] = []
@@ -85,45 +88,64 @@ class AsyncClient:
                 rid, kind, body = decode_reply(frame, MAX_REPLY_BYTES)
             except MeshError:
                 continue
-            fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
-            if fut is None or fut.done():
-                continue
-            if kind == OK:
-                fut.set_result(body)
-            elif kind == ERROR:
-                try:
-                    raise_error(body)
-                except MeshError as exc:
-                    fut.set_exception(exc)
+            if kind == BATCH:
+                for item in body:
+                    if isinstance(item, list) and len(item) == 3:
+                        self._settle(item[0], item[1], item[2])
+            else:
+                self._settle(rid, kind, body)
+
+    def _settle(self, rid: Any, kind: Any, body: Any) -> None:
+        fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
+        if fut is None or fut.done():
+            return
+        if kind == OK:
+            fut.set_result(body)
+        elif kind == ERROR:
+            try:
+                raise_error(body)
+            except MeshError as exc:
+                fut.set_exception(exc)
 
     def _flush(self) -> None:
-        """Send what is queued; retry shortly while the connection is not up yet."""
+        """Send what is queued, several calls to a frame (a batch); retry shortly while the
+        connection is not up yet."""
         self._retry = None
         sock = self._sock
         if sock is None:
             return
         while self._outbox:
+            items, size = [], 0
+            for item, batchable in self._outbox:
+                if items and (not batchable or len(items) >= _BATCH_ITEMS
+                              or size + len(item) > self.max_frame_bytes - 64):
+                    break
+                items.append(item)
+                size += len(item)
+                if not batchable:
+                    break
             try:
-                sock.send(self._outbox[0], _NOBLOCK)
+                sock.send(encode_items(items), _NOBLOCK)
             except zmq.Again:
                 assert self._loop is not None
                 self._retry = self._loop.call_later(0.002, self._flush)
                 break
-            self._outbox.pop(0)
+            del self._outbox[:len(items)]
         self._drain()                 # a send can consume the FD's edge: look for replies
 
     async def call(self, command: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         limit = self.timeout if timeout is None else timeout
         self._ensure()
         req_id = next(self._ids)
-        frame = encode_request(req_id, command, args)
-        if len(frame) > self.max_frame_bytes:
-            raise TooLarge(f"request of {len(frame)} bytes is over the "
+        item = encode_item(req_id, command, args)
+        if len(item) > self.max_frame_bytes - 16:
+            raise TooLarge(f"request of {len(item)} bytes is over the "
                            f"{self.max_frame_bytes}-byte limit")
         assert self._loop is not None
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._waiting[req_id] = fut
-        self._outbox.append(frame)
+        # Store commands share frames; the others (streams, node info) go alone.
+        self._outbox.append((item, command in BATCHABLE))
         if self._retry is None:
             # One send pass per loop turn: calls started together (gather) go out together.
             self._retry = self._loop.call_soon(self._flush)  # type: ignore[assignment]

@@ -3,7 +3,8 @@ from the wire dicts: mesh-only fields (origin, version, clock) never appear here
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -14,12 +15,29 @@ __all__ = ["SessionStatus", "MessageType", "MemoryType", "Session", "Message", "
            "SIGNAL_EMOJI"]
 
 
+_second: list[Any] = [None, ""]       # the last whole second seen and its ISO text
+
+
 def now_iso() -> str:
-    return datetime.now(tz=timezone.utc).isoformat()
+    """The current UTC time as ISO 8601 with microseconds ("...T09:00:00.123456+00:00").
+    Every set and send is stamped with it, so the date part is formatted once a second."""
+    t = time.time()
+    sec = int(t)
+    if sec != _second[0]:
+        _second[:] = [sec, datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{int((t - sec) * 1_000_000):06d}+00:00"
 
 
-def _uuid() -> str:
-    return str(uuid.uuid4())
+def new_id() -> str:
+    """A uuid4 string, as `str(uuid.uuid4())`, in a third of the time (one per call)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40           # version 4
+    b[8] = (b[8] & 0x3F) | 0x80           # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_uuid = new_id
 
 
 _FIELDS: dict[type, frozenset[str]] = {}
@@ -130,9 +148,10 @@ class MemoryEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MemoryEntry":
-        d = _known(cls, d)
-        d["type"] = MemoryType(d["type"])
-        return cls(**d)
+        t = d["type"]
+        return cls(d["entry_id"], MemoryType._value2member_map_.get(t) or MemoryType(t),
+                   d["key"], d["value"], d["session_id"], d["timestamp"], d["ttl"], d["tags"],
+                   d["metadata"])
 
     def is_expired(self, now: datetime | None = None) -> bool:
         if self.ttl is None:
