@@ -269,7 +269,7 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshd", "--socket", self.sock, "--data-dir", datadir,
-             "--durability", durability, "--log-level", "warning"],
+             "--durability", durability, "--log-level", "warning", "--no-mesh"],
             stdout=self._log, stderr=subprocess.STDOUT, env=ENV, cwd=str(ROOT))
         self.pid = self.proc.pid
         self.info: dict[str, Any] = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 MiB = 1024 * 1024
+DEFAULT_PEER_PORT = 7747
 
 #: Durability modes. "process": every acknowledged write is in SQLite's WAL in the OS
 #: before the reply, so it survives kill -9 and daemon crashes (not a power cut).
@@ -51,6 +52,26 @@ class Config:
                                           # (the fold thread is behind: backpressure)
     # --- clients -----------------------------------------------------------------------
     client_timeout: float = 10.0          # s, default deadline of one SDK call
+    # --- the mesh: peers, membership (SWIM), replication -------------------------------
+    mesh: bool = True                     # False: a single-host daemon, no peer port
+    bind: str = f"0.0.0.0:{DEFAULT_PEER_PORT}"  # peer transport (TCP); port 0 = any free one
+    advertise: str = ""                   # address peers should use; "" = derived from bind
+    join: tuple[str, ...] = ()            # seed peers ("host:port"), retried until they answer
+    peer_queue: int = 256                 # frames queued per peer before new ones are dropped
+    probe_interval: float = 0.5           # s between probes of one member by this node
+    probe_timeout: float = 0.2            # s to wait for a direct ack before indirect probes
+    indirect_checks: int = 3              # members asked to probe a silent one for us
+    suspicion_timeout: float = 2.5        # s a suspect has to refute before it is dead
+    retransmit_mult: int = 4              # an update rides on mult x log10(N+1) messages
+    sync_interval: float = 2.0            # s between anti-entropy rounds (one random member)
+    sync_chunk_records: int = 500         # records per replication chunk at most
+    sync_chunk_bytes: int = 256 * 1024    # bytes per replication chunk at most
+    join_retry: float = 1.0               # s before retrying a silent seed; doubles ...
+    join_retry_max: float = 30.0          # ... up to this
+    leave_grace: float = 0.2              # s to let the leave announcement go out on stop
+    reap_after: float = 72 * 3600.0       # s a dead or departed member is remembered
+    tombstone_min_age: float = 3600.0     # s before a deletion record may be collected ...
+    tombstone_gc_interval: float = 60.0   # ... checked this often (once all members hold it)
 
     @classmethod
     def lan(cls, **overrides: object) -> "Config":
@@ -61,7 +82,10 @@ class Config:
     def test(cls, **overrides: object) -> "Config":
         """Short timers so tests converge quickly on loopback."""
         base = replace(cls(), stream_idle_timeout=5.0, expiry_interval=0.5, client_timeout=5.0,
-                       checkpoint_interval=0.2)
+                       checkpoint_interval=0.2, probe_interval=0.2, probe_timeout=0.1,
+                       suspicion_timeout=1.0, sync_interval=0.3, join_retry=0.1,
+                       join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
+                       tombstone_min_age=2.0, tombstone_gc_interval=1.0)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_(self, **overrides: object) -> "Config":

@@ -19,6 +19,7 @@ from meshd import __version__
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.ipc.server import IPCServer
+from meshd.mesh.node import Mesh
 from meshd.sdnotify import notify
 from meshd.state import memory
 from meshd.state.store import Store
@@ -40,6 +41,7 @@ class Daemon:
         self.config = config
         self.store: Store | None = None
         self.ipc: IPCServer | None = None
+        self.mesh: Mesh | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._lock_fd: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -55,11 +57,17 @@ class Daemon:
         if recovered:
             log.info("folded %d journaled set(s) left by the last run into the store", recovered)
         self._ctx = zmq.asyncio.Context()
-        self.ipc = IPCServer(cfg, self.store, self._ctx, self.info)
+        if cfg.mesh:
+            self.mesh = Mesh(cfg, self.store, zmq.Context.shadow(self._ctx.underlying))
+            await self.mesh.start()
+        self.ipc = IPCServer(cfg, self.store, self._ctx, self.info,
+                             peers=self.mesh.peers if self.mesh else None,
+                             on_commit=self.mesh.committed if self.mesh else None)
         await self.ipc.start()
         self._spawn(self._housekeeping())
-        log.info("meshd %s ready: node %s, data in %s, durability=%s", __version__,
-                 self.store.node_id, cfg.data_dir, cfg.durability)
+        log.info("meshd %s ready: node %s, data in %s, durability=%s, peers on %s",
+                 __version__, self.store.node_id, cfg.data_dir, cfg.durability,
+                 self.mesh.address if self.mesh else "(no mesh)")
 
     def _lock_data_dir(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -96,7 +104,9 @@ class Daemon:
                 "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                 "socket": self.config.socket_path, "data_dir": self.config.data_dir,
                 "durability": self.config.durability,
-                "uptime": round(time.time() - self._started_at, 3), **self.ipc.stats()}
+                "uptime": round(time.time() - self._started_at, 3),
+                "peer_address": self.mesh.address if self.mesh else None,
+                "mesh": self.mesh.stats() if self.mesh else None, **self.ipc.stats()}
 
     def request_stop(self) -> None:
         self._stopped.set()
@@ -116,6 +126,12 @@ class Daemon:
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None
+        if self.mesh is not None:
+            try:
+                await self.mesh.stop(leave=True)
+            except Exception:                   # never let a peer problem block the stop
+                log.exception("stopping the mesh failed")
+            self.mesh = None
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -13,6 +13,7 @@ import click
 from meshd import __version__
 from meshd.config import DURABILITY_MODES, Config, default_data_dir, default_socket_path
 from meshd.errors import MeshError
+from meshd.wire.peer import parse_address
 
 
 #: How long a thread may hold the GIL while another waits for it. The daemon's fold thread
@@ -42,13 +43,23 @@ def _setup_logging(level: str) -> None:
               help="process: acknowledged writes survive kill -9; fsync: also power loss.")
 @click.option("--max-frame", "max_frame", type=click.IntRange(1024, 64 * 1024 * 1024),
               default=None, help="Largest request in bytes (default 1 MiB).")
+@click.option("--bind", envvar="MESHD_BIND", default=None,
+              help="Peer address HOST:PORT (TCP; default 0.0.0.0:7747; port 0 picks a free "
+                   "one) [env MESHD_BIND].")
+@click.option("--advertise", envvar="MESHD_ADVERTISE", default=None,
+              help="Address peers should use to reach this node, if not the bind address.")
+@click.option("--join", "join", multiple=True, metavar="HOST:PORT",
+              help="A peer to join (repeatable); retried with backoff until it answers.")
+@click.option("--no-mesh", is_flag=True,
+              help="Serve this host only: no peer port, no replication.")
 @click.option("--preset", type=click.Choice(["lan", "test"]), default="lan", show_default=True,
               help="Timing preset; 'test' shortens timers for test clusters.")
 @click.option("--log-level", envvar="MESHD_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.version_option(__version__, prog_name="meshd")
 def main(socket_path: str | None, data_dir: str | None, system: bool, durability: str,
-         max_frame: int | None, preset: str, log_level: str) -> None:
+         max_frame: int | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
+         no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
 
@@ -63,6 +74,20 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["socket_mode"] = 0o660
     if max_frame is not None:
         overrides["max_frame_bytes"] = max_frame
+    if bind:
+        overrides["bind"] = bind
+    if advertise:
+        overrides["advertise"] = advertise
+    if join:
+        overrides["join"] = tuple(join)
+    if no_mesh:
+        overrides["mesh"] = False
+    for hint, addr in [("--bind", bind), ("--advertise", advertise), *[("--join", j) for j in join]]:
+        if addr:
+            try:
+                parse_address(addr)
+            except MeshError as exc:
+                raise click.BadParameter(str(exc), param_hint=hint) from None
     config = base.with_(**overrides)
     try:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)

@@ -48,6 +48,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.pop("MESHD_SOCKET", None)
+    # A daemon a test starts with defaults listens for peers on loopback, on a free port.
+    env["MESHD_BIND"] = "127.0.0.1:0"
+    env.pop("MESHD_ADVERTISE", None)
     env.update(extra)
     return env
 
@@ -63,8 +66,11 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> "Daemon":
+        # Never the default peer port on every interface: loopback, a free port, unless
+        # the test chose (--bind) or wants no mesh at all (--no-mesh).
+        net = [] if {"--bind", "--no-mesh"} & set(self.args) else ["--bind", "127.0.0.1:0"]
         cmd = [sys.executable, "-m", "meshd", "--socket", self.socket, "--data-dir",
-               self.data_dir, "--preset", "test", "--log-level", "info", *self.args]
+               self.data_dir, "--preset", "test", "--log-level", "info", *net, *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=subprocess_env(),
                                      cwd=str(ROOT))

@@ -82,11 +82,15 @@ class IPCServer:
     """Serves one ROUTER socket from the daemon's event loop."""
 
     def __init__(self, config: Config, store: Store, ctx: zmq.asyncio.Context,
-                 node_info: NodeInfo) -> None:
+                 node_info: NodeInfo, peers: Callable[[], list[dict[str, Any]]] | None = None,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self.config = config
         self.store = store
         self.path = config.socket_path
         self.node_info = node_info
+        self.peers = peers
+        # Told after writes reach SQLite (replication pushes them to peers).
+        self.on_commit = on_commit or (lambda: None)
         self.counters: Counter[str] = Counter()
         self._ctx = ctx
         self._sock: zmq.asyncio.Socket | None = None
@@ -278,6 +282,7 @@ class IPCServer:
             self._schedule_flush()
         elif store_work:
             self.streams.publish(self.store.take_events())
+            self.on_commit()            # writes, or journaled ones a read just folded
         for ident, req_id, command, args, _ in local_work:
             try:
                 self._run_local(ident, req_id, command, args)
@@ -357,6 +362,7 @@ class IPCServer:
             return
         self.store.finish_hand_off()
         self.streams.publish(self.store.take_events())
+        self.on_commit()
         if self.store.pending and self._flush_timer is None:
             self._hand_off()
         self._recheck()
@@ -367,7 +373,8 @@ class IPCServer:
             self._flush_timer.cancel()
         self._flush_timer = None
         try:
-            self.store.flush()
+            if self.store.flush():
+                self.on_commit()
             self.streams.publish(self.store.take_events())
             self._recheck()
         except MeshError as exc:            # stays queued (and journaled); retried later
@@ -451,6 +458,8 @@ class IPCServer:
                 result = self.streams.close(ident, args)
             elif command == "node.info":
                 result = self.node_info()
+            elif command == "mesh.peers":
+                result = self.peers() if self.peers is not None else []
             else:                                   # validate_args knows it, we do not
                 raise MeshError(f"command {command!r} is not served here")
             self._send(ident, encode_reply(req_id, OK, result))

@@ -21,6 +21,11 @@ def physical_ms(stamp: int) -> int:
     return stamp >> COUNTER_BITS
 
 
+def stamp_at(epoch_seconds: float) -> int:
+    """The lowest stamp of a wall-clock instant (for "older than" comparisons)."""
+    return int(epoch_seconds * 1000) << COUNTER_BITS
+
+
 def to_iso(stamp: int) -> str:
     return ms_to_iso(physical_ms(stamp))
 

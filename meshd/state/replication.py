@@ -40,7 +40,7 @@ def _unpack(b: bytes) -> Any:
 
 def known(store: "Store", origin: str) -> int:
     if origin == store.node_id:
-        return store.version
+        return store.folded_version()
     row = store.conn.execute("SELECT known FROM origins WHERE origin = ?", (origin,)).fetchone()
     return int(row[0]) if row else 0
 
@@ -48,7 +48,7 @@ def known(store: "Store", origin: str) -> int:
 def digest(store: "Store") -> dict[str, int]:
     """origin -> version through which this node has all of that origin's changes."""
     out = {o: int(k) for o, k in store.conn.execute("SELECT origin, known FROM origins")}
-    out[store.node_id] = store.version
+    out[store.node_id] = store.folded_version()
     return out
 
 
@@ -163,3 +163,14 @@ def _merge_deletion(store: "Store", r: dict[str, Any]) -> int:
     if cur.rowcount == 0:
         return 0
     return 1 if memory.remove_covered(store, r["key"], r["session_id"], r["hlc"]) else 0
+
+
+def collect_deletions(store: "Store", before_hlc: int, digests: list[dict[str, int]]) -> int:
+    """Drop deletion records older than `before_hlc` that every given version vector
+    (one per other member) holds: each member has then removed what they cover, so
+    nothing they covered can be shipped back."""
+    rows = store.conn.execute("SELECT origin, version FROM deletions WHERE hlc < ?",
+                              (before_hlc,)).fetchall()
+    gone = [(o, v) for o, v in rows if all(d.get(o, 0) >= v for d in digests)]
+    store.conn.executemany("DELETE FROM deletions WHERE origin = ? AND version = ?", gone)
+    return len(gone)

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import msgpack
+
 from meshd.errors import StoreError
 from meshd.state import commands, db
 from meshd.state.hlc import HLC
@@ -57,6 +59,8 @@ class Store:
         # Sessions seen to exist by log_write (committed state). Emptied whenever a session
         # is deleted (`forget_sessions`), so a send to it is checked against SQLite again.
         self.live_sessions: set[str] = set()
+        # Node ids of daemons the mesh considers dead or gone: their sessions read OFFLINE.
+        self.down_hosts: frozenset[str] = frozenset()
         self.hlc = HLC(0, wall)
         self.version = 0
         self.events: list[Event] = []
@@ -139,6 +143,18 @@ class Store:
     # commits them with `fold_handed_off()`; back on the loop, `finish_hand_off()` empties
     # their journal segment. `flush()` (every read and other write) folds whatever is
     # still queued, handed off or not, in the calling thread, under `lock`.
+
+    def folded_version(self) -> int:
+        """Our own version through which every change is in SQLite: journaled writes not
+        yet folded have higher versions (stamps are handed out in order on the loop)."""
+        if self.folding is not None and not self._folded:
+            for rec in self.folding:
+                if rec[2]:
+                    return int(rec[2]) - 1
+        for rec in self.pending:
+            if rec[2]:
+                return int(rec[2]) - 1
+        return self.version
 
     @property
     def unfolded(self) -> bool:
@@ -275,6 +291,22 @@ class Store:
             finally:
                 self._in_tx = False
 
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A small node-local setting (not replicated), e.g. the last known peers."""
+        with self.read(fold=False):
+            row = self.conn.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        if row is None or not isinstance(row[0], bytes):
+            return default
+        try:
+            return msgpack.unpackb(row[0], raw=False)
+        except Exception:
+            return default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.write():
+            self.conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
+                              (key, msgpack.packb(value, use_bin_type=True)))
+
     def forget_sessions(self) -> None:
         self.live_sessions.clear()
 
@@ -305,13 +337,15 @@ class Store:
             self.conn.execute("RELEASE req")
 
     @contextmanager
-    def read(self) -> Iterator[None]:
-        """A consistent snapshot for a group of reads (no lock on other writers)."""
+    def read(self, fold: bool = True) -> Iterator[None]:
+        """A consistent snapshot for a group of reads (no lock on other writers). With
+        `fold=False`, journaled writes not yet folded are left out (replication reads what
+        is committed and ships the rest later, rather than folding on the loop)."""
         with self.lock:
             if self._in_tx:
                 yield
                 return
-            if self.unfolded:
+            if fold and self.unfolded:
                 self.flush()
             self.conn.execute("BEGIN")
             self._in_tx = True

@@ -140,8 +140,9 @@ COMMANDS: dict[str, Validator] = {
     "memory.delete": _spec(key=(s.key, R), session_id=(s.opt_ident, None)),
     "memory.clear": _spec(session_id=(s.opt_ident, None)),
     "memory.stats": _spec(),
-    # the daemon itself
+    # the daemon itself and its mesh
     "node.info": _spec(),
+    "mesh.peers": _spec(),
     # live streams (served by the IPC layer, not the store)
     "stream.subscribe": _spec(session_id=(s.opt_ident, None), cursor=(_opt_count, None),
                               types=(_msgtypes, None), window=(_opt_count, None)),
@@ -269,4 +270,4 @@ def decode_reply(frame: bytes, max_bytes: int) -> tuple[int | None, int, Any]:
 
 #: Commands that may be items of a batch: those the store answers (not streams, whose
 #: replies are followed by pushes, nor node information).
-BATCHABLE = frozenset(c for c in COMMANDS if not c.startswith(("stream.", "node.")))
+BATCHABLE = frozenset(c for c in COMMANDS if not c.startswith(("stream.", "node.", "mesh.")))

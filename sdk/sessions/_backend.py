@@ -56,6 +56,8 @@ class DirectoryBackend:
         if op.command == "node.info":
             return op.convert({"node_id": self.store.node_id, "data_dir": self.directory,
                                "mode": "directory"})
+        if op.command == "mesh.peers":
+            return op.convert([])                 # a directory has no peers
         return op.result(args, self.store.execute(op.command, args))
 
 

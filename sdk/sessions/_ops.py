@@ -208,3 +208,7 @@ def memory_stats() -> Op:
 
 def node_info() -> Op:
     return Op("node.info", {}, _same)
+
+
+def peers() -> Op:
+    return Op("mesh.peers", {}, _same)

@@ -249,6 +249,9 @@ class AsyncSessionRegistry(_AsyncBase):
     async def clear_offline(self) -> int:
         return await self._run(ops.clear_offline())
 
+    async def peers(self) -> list[dict[str, Any]]:
+        return await self._run(ops.peers())
+
 
 class AsyncMessageStream:
     """The asyncio face of a message stream: `async for msg in stream`, or

@@ -436,6 +436,27 @@ def info(c: Ctx, as_json: bool) -> None:
         click.echo(f"{k}: {v}")
 
 
+@cli.command()
+@json_option
+@pass_ctx
+def peers(c: Ctx, as_json: bool) -> None:
+    """The other daemons of the mesh: address, state, incarnation, last contact, lag."""
+    rows = c.registry().peers()
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("No peers (this daemon is alone, or runs with --no-mesh).")
+        return
+    click.echo(f"{'NODE':<14}{'ADDRESS':<24}{'STATE':<9}{'INCARNATION':>15}{'CONTACT':>10}"
+               f"{'BEHIND':>8}")
+    for p in rows:
+        contact = "-" if p["last_contact"] is None else f"{p['last_contact']:.1f}s"
+        behind = "?" if p["behind"] is None else str(p["behind"])
+        click.echo(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<9}"
+                   f"{p['incarnation']:>15}{contact:>10}{behind:>8}")
+
+
 def main() -> None:
     """Entry point: SDK errors become one ❌ line and exit 1; usage errors exit 2."""
     try:

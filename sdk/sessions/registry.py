@@ -65,3 +65,9 @@ class SessionRegistry:
     def node_info(self) -> dict[str, Any]:
         """The daemon serving this registry (node id, socket, counters), or the directory."""
         return self._backend.run(ops.node_info())
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The other daemons of the mesh as this host's daemon sees them: node_id, address,
+        state (alive, suspect, dead, left), incarnation, last_contact (seconds ago),
+        behind (changes this node has that the peer had not, at its last summary)."""
+        return self._backend.run(ops.peers())

@@ -1,0 +1,152 @@
+"""The mesh: this daemon's peer transport, membership and replication, composed.
+
+It routes each incoming peer frame to the part that owns it, keeps the store's view of
+which hosts are down (their sessions read OFFLINE), joins the seed addresses given with
+`--join` (and the peers it knew before a restart) with backoff until they answer, and
+announces a graceful leave on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from meshd.config import Config
+from meshd.errors import MeshError
+from meshd.mesh.membership import Member, Membership
+from meshd.mesh.replicator import Replicator
+from meshd.mesh.transport import Transport
+from meshd.state import replication
+from meshd.state.store import Store
+from meshd.wire.peer import FrameType, MemberState
+
+log = logging.getLogger("meshd.mesh")
+
+_PEERS_KEY = "peers"
+
+
+class Mesh:
+    def __init__(self, config: Config, store: Store, ctx: zmq.Context) -> None:
+        self.config = config
+        self.store = store
+        self.transport = Transport(config, ctx, store.node_id, self._on_frame)
+        self.membership = Membership(config, self.transport, store.node_id, self._on_change)
+        self.replicator = Replicator(config, store, self.membership, self.transport)
+        self._seeds: dict[str, tuple[float, float]] = {}    # address -> (next try, backoff)
+        self._joined: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._save_peers = False
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    async def start(self) -> None:
+        self.transport.start()
+        self.membership.start()
+        self.replicator.start()
+        seeds = list(self.config.join) + [a for a in self.store.get_meta(_PEERS_KEY, [])
+                                          if isinstance(a, str)]
+        now = time.monotonic()
+        for addr in dict.fromkeys(seeds):
+            if addr != self.address:
+                self._seeds[addr] = (now, self.config.join_retry)
+        self._task = asyncio.get_running_loop().create_task(self._join_loop())
+
+    async def stop(self, leave: bool = True) -> None:
+        if leave and self.membership.members:
+            self.membership.leave()
+            await asyncio.sleep(self.config.leave_grace)   # let the LEFT frames go out
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.membership.stop()
+        await self.replicator.stop()
+        self._persist_peers()
+        self.transport.stop()
+
+    # --- joining ------------------------------------------------------------------------------
+
+    async def _join_loop(self) -> None:
+        """Send a SYNC to every seed until it answers: at `join_retry`, doubling up to
+        `join_retry_max`, for as long as the daemon runs (a seed may start later)."""
+        while True:
+            now = time.monotonic()
+            for addr, (when, backoff) in list(self._seeds.items()):
+                if addr in self._joined:
+                    del self._seeds[addr]
+                elif when <= now:
+                    self.replicator.send_sync(addr, reply=True)
+                    nxt = min(backoff * 2, self.config.join_retry_max)
+                    self._seeds[addr] = (now + backoff, nxt)
+            if self._save_peers:
+                self._persist_peers()
+            await asyncio.sleep(min(self.config.join_retry, 1.0))
+
+    def _persist_peers(self) -> None:
+        self._save_peers = False
+        addrs = sorted(m.address for m in self.membership.members.values() if m.up)
+        try:
+            if addrs != self.store.get_meta(_PEERS_KEY, []):
+                self.store.set_meta(_PEERS_KEY, addrs)
+        except MeshError as exc:
+            log.warning("cannot save the peer list: %s", exc)
+
+    # --- frames -------------------------------------------------------------------------------
+
+    def _on_frame(self, ftype: FrameType, sender: str, reply_to: str, body: dict[str, Any]
+                  ) -> None:
+        if ftype == FrameType.SYNC:
+            if not body["reply"]:
+                self._joined.add(reply_to)
+            self.replicator.on_sync(sender, reply_to, body)
+            self.membership.heard_from(sender)
+        elif ftype == FrameType.RECORDS:
+            self.membership.heard_from(sender)
+            self.replicator.on_records(sender, reply_to, body)
+        elif ftype == FrameType.PULL:
+            self.membership.heard_from(sender)
+            self.replicator.on_pull(reply_to, body)
+        else:
+            self.membership.handle(ftype, sender, reply_to, body)
+
+    def _on_change(self, m: Member, old: MemberState | None) -> None:
+        self.store.down_hosts = self.membership.down_ids()
+        self._save_peers = True
+        if m.up and (old is None or old in (MemberState.DEAD, MemberState.LEFT)):
+            # New or back: exchange summaries now rather than at the next random round.
+            self.replicator.send_sync(m.address, reply=True)
+
+    # --- hooks for the daemon and its API -----------------------------------------------------
+
+    def committed(self) -> None:
+        self.replicator.committed()
+
+    def peers(self) -> list[dict[str, Any]]:
+        with self.store.read(fold=False):
+            mine = replication.digest(self.store)
+        out = []
+        for p in self.membership.peers():
+            m = self.membership.members[p["node_id"]]
+            if m.digest_at:
+                p["behind"] = sum(max(0, v - m.digest.get(o, 0)) for o, v in mine.items())
+                p["ahead"] = sum(max(0, v - mine.get(o, 0)) for o, v in m.digest.items())
+                p["digest_age"] = round(time.monotonic() - m.digest_at, 3)
+            else:
+                p["behind"] = p["ahead"] = p["digest_age"] = None
+            out.append(p)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"address": self.address, "incarnation": self.membership.incarnation,
+                "members": len(self.membership.members),
+                "alive": len(self.membership.alive()),
+                "refutations": self.membership.false_refutations,
+                "transport": self.transport.stats(), "replication": self.replicator.stats()}

@@ -1,0 +1,248 @@
+"""Replication of the registry and shared memory between daemons.
+
+- **Push**: after local writes commit, this node's new records (its own origin) go to every
+  member that is up, at once, as RECORDS{origin: us, after, through}. The receiver merges
+  them and advances its knowledge of our origin to `through` only if it already had
+  everything up to `after`; otherwise it PULLs the gap.
+- **Anti-entropy**: every `sync_interval` a SYNC with our version vector and membership
+  table goes to one random member, which answers with its own. Each side PULLs, origin by
+  origin, whatever the other has beyond its own knowledge; a PULL is answered with one
+  chunk of records (bounded in count and bytes), and the puller asks for the next chunk
+  when the previous one is merged. A node that was down, is new, or was cut off thus
+  catches up chunk by chunk, and the loop stays free between chunks.
+- Records are validated (`meshd.wire.records`) and checked against the batch they came
+  in (same origin, version inside the batch's range, our own origin never beyond our own
+  counter, clock stamps not far in the future) before they reach the store; anything
+  else is dropped and counted.
+- Deletion records are garbage-collected once every known member's version vector shows
+  it holds them (and they are older than `tombstone_min_age`): by then every member has
+  removed what they cover, so nothing they covered can come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from meshd.config import Config
+from meshd.errors import MeshError
+from meshd.mesh.membership import Member, Membership
+from meshd.mesh.transport import Transport
+from meshd.state import replication
+from meshd.state.hlc import MAX_DRIFT_MS, physical_ms, stamp_at
+from meshd.state.store import Store
+from meshd.wire.peer import FrameType, encode
+from meshd.wire.records import record as validate_record
+
+log = logging.getLogger("meshd.mesh")
+
+
+class Replicator:
+    def __init__(self, config: Config, store: Store, membership: Membership,
+                 transport: Transport) -> None:
+        self.config = config
+        self.store = store
+        self.membership = membership
+        self.transport = transport
+        self.counters: Counter[str] = Counter()
+        self.pushed = 0                 # our own version through which we pushed
+        self._push_scheduled = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pulling: dict[tuple[str, str], float] = {}   # (peer, origin) -> deadline
+
+    def start(self) -> None:
+        with self.store.read(fold=False):
+            self.pushed = replication.known(self.store, self.store.node_id)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sync_loop()), loop.create_task(self._gc_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+
+    # --- push -------------------------------------------------------------------------------
+
+    def committed(self) -> None:
+        """Local writes committed (or were journaled): push them soon, coalesced."""
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            asyncio.get_running_loop().call_soon(self._push)
+
+    def _push(self) -> None:
+        self._push_scheduled = False
+        if self.store.folded_version() <= self.pushed:
+            return
+        targets = self.membership.alive()
+        try:
+            for _ in range(100):                     # bounded: one chunk per round
+                frame, through, more = self._chunk(self.store.node_id, self.pushed)
+                if frame is None:
+                    break
+                for m in targets:
+                    self.transport.send_frame(m.address, frame)
+                self.counters["pushed_chunks"] += 1
+                self.pushed = through
+                if not more:
+                    break
+        except MeshError as exc:
+            log.warning("push failed: %s", exc)
+
+    def _chunk(self, origin: str, after: int) -> tuple[bytes | None, int, bool]:
+        """One RECORDS frame of `origin` above `after`, under the size limits."""
+        limit = self.config.sync_chunk_records
+        budget = min(self.config.sync_chunk_bytes, self.config.max_frame_bytes - 1024)
+        while True:
+            with self.store.read(fold=False):
+                records, through = replication.export(self.store, origin, after, limit)
+                complete = replication.known(self.store, origin)
+            if through <= after and not records:
+                return None, after, False
+            more = through < complete
+            frame = encode(FrameType.RECORDS, self.store.node_id, self.transport.address,
+                           {"origin": origin, "after": after, "through": through,
+                            "records": records, "more": more})
+            if len(frame) <= budget or limit == 1:
+                if len(frame) > self.config.max_frame_bytes:
+                    self.counters["dropped.record_too_large"] += 1
+                    log.warning("a record of %s at version %d is over the frame limit",
+                                origin[:12], through)
+                    return None, after, False
+                return frame, through, more
+            limit = max(1, limit // 2)
+
+    # --- anti-entropy -------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync_interval * random.uniform(0.75, 1.25))
+            try:
+                self.sync_with_random()
+            except Exception:                        # pragma: no cover - keep syncing
+                log.exception("anti-entropy round failed")
+
+    def sync_with_random(self) -> None:
+        up = self.membership.alive()
+        if up:
+            self.send_sync(random.choice(up).address, reply=True)
+
+    def send_sync(self, address: str, reply: bool) -> None:
+        with self.store.read(fold=False):
+            digest = replication.digest(self.store)
+        self.transport.send(address, FrameType.SYNC,
+                            {"digest": digest, "members": self.membership.table(),
+                             "reply": reply})
+
+    def on_sync(self, sender: str, reply_to: str, body: dict[str, Any]) -> None:
+        self.membership.apply(body["members"])
+        m = self.membership.members.get(sender)
+        theirs = body["digest"]
+        if m is not None:
+            m.digest, m.digest_at = theirs, time.monotonic()
+        with self.store.read(fold=False):
+            mine = replication.digest(self.store)
+        for origin, version in theirs.items():
+            if version > mine.get(origin, 0):
+                self._pull(reply_to, origin, mine.get(origin, 0))
+        if body["reply"]:
+            self.send_sync(reply_to, reply=False)
+
+    def _pull(self, address: str, origin: str, after: int, force: bool = False) -> None:
+        key = (address, origin)
+        now = time.monotonic()
+        if not force and self._pulling.get(key, 0.0) > now:
+            return                               # one pull at a time per peer and origin
+        self._pulling[key] = now + self.config.sync_interval * 2
+        self.transport.send(address, FrameType.PULL, {"origin": origin, "after": after})
+        self.counters["pulls"] += 1
+
+    def on_pull(self, reply_to: str, body: dict[str, Any]) -> None:
+        frame, _, _ = self._chunk(body["origin"], body["after"])
+        if frame is not None:
+            self.transport.send_frame(reply_to, frame)
+            self.counters["served_chunks"] += 1
+
+    # --- receiving records -------------------------------------------------------------------
+
+    def on_records(self, sender: str, reply_to: str, body: dict[str, Any]) -> None:
+        origin, after, through = body["origin"], body["after"], body["through"]
+        me = self.store.node_id
+        if through < after:
+            self.counters["dropped.bad_range"] += 1
+            return
+        good: list[dict[str, Any]] = []
+        wall_ms = int(self.store.wall() * 1000)
+        for raw in body["records"]:
+            try:
+                rec = validate_record(raw)
+            except MeshError:
+                self.counters["dropped.invalid_record"] += 1
+                continue
+            if rec["origin"] != origin or not after < rec["version"] <= through:
+                self.counters["dropped.record_outside_batch"] += 1
+                continue
+            if origin == me and rec["version"] > self.store.version:
+                self.counters["dropped.forged_own_origin"] += 1
+                continue
+            if physical_ms(rec["hlc"]) > wall_ms + MAX_DRIFT_MS:
+                self.counters["dropped.future_clock"] += 1
+                continue
+            good.append(rec)
+        dropped = len(good) < len(body["records"])
+        if dropped:
+            through = after           # do not advance knowledge past dropped records
+        if origin == me:
+            return                     # we are the authority on our own records
+        try:
+            with self.store.write():
+                known_before = replication.known(self.store, origin)
+                changed = replication.apply(self.store, origin, after, through, good)
+                known_after = replication.known(self.store, origin)
+        except MeshError as exc:
+            log.warning("merging records from %s failed: %s", sender[:12], exc)
+            self.counters["merge_errors"] += 1
+            return
+        self.counters["records_in"] += len(good)
+        self.counters["records_changed"] += changed
+        if dropped:
+            return                    # anti-entropy asks again later, not in a tight loop
+        self._pulling.pop((reply_to, origin), None)
+        if known_before < after:
+            self._pull(reply_to, origin, known_before, force=True)    # fill the gap
+        elif body["more"] and known_after >= through:
+            self._pull(reply_to, origin, known_after, force=True)     # next chunk
+
+    # --- deletions GC ------------------------------------------------------------------------
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tombstone_gc_interval)
+            try:
+                self.collect_tombstones()
+            except Exception:                        # pragma: no cover
+                log.exception("tombstone collection failed")
+
+    def collect_tombstones(self) -> int:
+        members: list[Member] = list(self.membership.members.values())
+        if any(not m.digest for m in members):
+            return 0                                 # someone never told us what it holds
+        horizon = stamp_at(self.store.wall() - self.config.tombstone_min_age)
+        with self.store.write():
+            n = replication.collect_deletions(
+                self.store, horizon, [m.digest for m in members])
+        if n:
+            self.counters["tombstones_collected"] += n
+            log.info("collected %d deletion record(s) every member holds", n)
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        return {"pushed_through": self.pushed, "counters": dict(self.counters)}

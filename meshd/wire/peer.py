@@ -1,0 +1,154 @@
+"""The protocol between daemons (ZeroMQ TCP, one-way frames).
+
+Every frame is one msgpack array::
+
+    [version: int, type: int, sender: str (node id), reply_to: str ("host:port"), body: map]
+
+Frames are one-way, like memberlist's UDP packets: a node sends to a peer's ROUTER through
+its own DEALER for that peer, and any answer travels the same way back to `reply_to`, so
+neither side ever waits on a socket. Types form an append-only list; a frame of a type
+this node does not know, of another protocol version, over the size limit, or with a
+body that fails validation is dropped and counted by the receiver.
+
+Membership updates (piggybacked on PING/ACK/GOSSIP, and the whole table in SYNC) are
+``[node_id, address, state, incarnation]`` with state ALIVE, SUSPECT, DEAD or LEFT.
+Replicated records are validated by `meshd.wire.records`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, Callable
+
+from meshd.config import DEFAULT_PEER_PORT
+from meshd.errors import InvalidArgument, ProtocolError, UnsupportedVersion
+from meshd.wire import schema as s
+from meshd.wire.codec import pack, unpack
+
+PEER_PROTOCOL_VERSION = 1
+SUPPORTED = frozenset({1})
+DEFAULT_PORT = DEFAULT_PEER_PORT
+#: Updates piggybacked on one probe frame at most.
+MAX_UPDATES = 64
+MAX_MEMBERS = 10_000
+MAX_ORIGINS = 10_000
+
+
+class FrameType(IntEnum):
+    """Append-only: never renumber or reuse a value."""
+
+    PING = 1         # {seq, updates}: are you alive? (probe)
+    ACK = 2          # {seq, updates}: yes (to a PING, or forwarded for a PING_REQ)
+    PING_REQ = 3     # {seq, target, target_addr}: probe `target` for me (indirect probe)
+    GOSSIP = 4       # {updates}: membership news only (a leave, a refutation)
+    SYNC = 5         # {digest, members, reply}: anti-entropy push-pull of state summaries
+    RECORDS = 6      # {origin, after, through, records, more}: replicated records, a chunk
+    PULL = 7         # {origin, after}: send me `origin`'s records above `after`
+
+
+class MemberState(IntEnum):
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+
+def address(v: Any, field: str = "address") -> str:
+    """"host:port" with a port in 1..65535."""
+    if not isinstance(v, str) or ":" not in v or len(v) > 300:
+        raise InvalidArgument(f"{field} must be 'host:port'")
+    host, _, port = v.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"{field} must be 'host:port' with a port in 1..65535")
+    return v
+
+
+def parse_address(v: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """'host', 'host:port' or '[v6]:port' -> (host, port). Port 0 is allowed (bind)."""
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif v.count(":") == 1:
+        host, _, port = v.partition(":")
+    else:
+        host, port = v, ""
+    if not host:
+        raise InvalidArgument(f"no host in address {v!r}")
+    if port and (not port.isdigit() or int(port) > 65535):
+        raise InvalidArgument(f"bad port in address {v!r}")
+    return host, int(port) if port else default_port
+
+
+def _update(v: Any) -> tuple[str, str, int, int]:
+    if not isinstance(v, list) or len(v) != 4:
+        raise InvalidArgument("a member update is [node_id, address, state, incarnation]")
+    node, addr, state, inc = v
+    if isinstance(state, bool) or state not in MemberState._value2member_map_:
+        raise InvalidArgument("unknown member state")
+    return (s.ident(node, "node_id"), address(addr), int(state),
+            s.count(inc, "incarnation", 0, 2**62))
+
+
+def _updates(v: Any, limit: int = MAX_UPDATES) -> list[tuple[str, str, int, int]]:
+    if not isinstance(v, list) or len(v) > limit:
+        raise InvalidArgument(f"updates must be a list of at most {limit}")
+    return [_update(u) for u in v]
+
+
+def _digest(v: Any) -> dict[str, int]:
+    if not isinstance(v, dict) or len(v) > MAX_ORIGINS:
+        raise InvalidArgument("digest must be a map of origin -> version")
+    return {s.ident(k, "origin"): s.count(x, "version", 0, 2**62) for k, x in v.items()}
+
+
+def _seq(v: Any) -> int:
+    return s.count(v, "seq", 0, 2**62)
+
+
+def _records(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise InvalidArgument("records must be a list")
+    return v                     # each record is validated by wire.records before use
+
+
+_BODIES: dict[int, dict[str, Callable[[Any], Any]]] = {
+    FrameType.PING: {"seq": _seq, "updates": _updates},
+    FrameType.ACK: {"seq": _seq, "updates": _updates},
+    FrameType.PING_REQ: {"seq": _seq, "target": lambda v: s.ident(v, "target"),
+                         "target_addr": lambda v: address(v, "target_addr")},
+    FrameType.GOSSIP: {"updates": _updates},
+    FrameType.SYNC: {"digest": _digest,
+                     "members": lambda v: _updates(v, MAX_MEMBERS),
+                     "reply": lambda v: s.boolean(v, "reply")},
+    FrameType.RECORDS: {"origin": lambda v: s.ident(v, "origin"),
+                        "after": lambda v: s.count(v, "after", 0, 2**62),
+                        "through": lambda v: s.count(v, "through", 0, 2**62),
+                        "records": _records, "more": lambda v: s.boolean(v, "more")},
+    FrameType.PULL: {"origin": lambda v: s.ident(v, "origin"),
+                     "after": lambda v: s.count(v, "after", 0, 2**62)},
+}
+
+
+def encode(ftype: FrameType, sender: str, reply_to: str, body: dict[str, Any]) -> bytes:
+    return pack([PEER_PROTOCOL_VERSION, int(ftype), sender, reply_to, body])
+
+
+def decode(frame: bytes, max_bytes: int) -> tuple[FrameType, str, str, dict[str, Any]]:
+    """Parse and validate a peer frame; raises a MeshError (ProtocolError, TooLarge,
+    UnsupportedVersion, InvalidArgument) for anything to drop."""
+    msg = unpack(frame, max_bytes)
+    if not isinstance(msg, list) or len(msg) != 5:
+        raise ProtocolError("peer frame must be [version, type, sender, reply_to, body]")
+    version, ftype, sender, reply_to, body = msg
+    if isinstance(version, bool) or version not in SUPPORTED:
+        raise UnsupportedVersion(f"peer protocol version {version!r} is not supported")
+    if isinstance(ftype, bool) or ftype not in _BODIES:
+        raise ProtocolError(f"unknown peer frame type {ftype!r}")
+    if not isinstance(body, dict):
+        raise ProtocolError("peer frame body must be a map")
+    spec = _BODIES[ftype]
+    missing = [k for k in spec if k not in body]
+    if missing:
+        raise InvalidArgument(f"peer frame lacks {', '.join(missing)}")
+    clean = {k: check(body[k]) for k, check in spec.items()}
+    return FrameType(ftype), s.ident(sender, "sender"), address(reply_to, "reply_to"), clean
