@@ -64,6 +64,8 @@ class Daemon:
     log_path: str
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    node_id: str = ""
+    peer_address: str | None = None
 
     def start(self, timeout: float = 15.0) -> "Daemon":
         # Never the default peer port on every interface: loopback, a free port, unless
@@ -76,6 +78,12 @@ class Daemon:
                                      cwd=str(ROOT))
         log.close()
         self.wait_ready(timeout)
+        info = self.registry(timeout=5).node_info()
+        self.node_id, self.peer_address = info["node_id"], info.get("peer_address")
+        if "--bind" in self.args and self.peer_address:
+            i = self.args.index("--bind") + 1
+            if self.args[i].endswith(":0"):       # keep the port it got across restarts
+                self.args[i] = self.peer_address
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -195,3 +203,43 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 30.0,
     """Run `python -m sessions ARGS` as a user would."""
     return subprocess.run([sys.executable, "-m", "sessions", *args], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=timeout, input=input)
+
+
+# --- clusters ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def make_cluster(make_daemon: Callable[..., Daemon]) -> Callable[..., list[Daemon]]:
+    """make_cluster(n, args=[...]) -> n daemons, node i on 127.0.0.(10+i) with a free port,
+    every other node joining node 0; all are stopped by the make_daemon fixture."""
+
+    def make(n: int, args: list[str] | None = None, first: int = 0) -> list[Daemon]:
+        nodes: list[Daemon] = []
+        for i in range(first, first + n):
+            extra = ["--bind", f"127.0.0.{10 + i}:0", *(args or [])]
+            if nodes:
+                assert nodes[0].peer_address
+                extra += ["--join", nodes[0].peer_address]
+            nodes.append(make_daemon(f"n{i}", args=extra))
+        return nodes
+
+    return make
+
+
+def peer_states(d: Daemon) -> dict[str, str]:
+    """node_id -> state, as daemon `d` sees its peers."""
+    return {p["node_id"]: p["state"] for p in d.registry(timeout=5).peers()}
+
+
+def wait_converged(nodes: list[Daemon], timeout: float = 30.0) -> None:
+    """Every running node sees every other running node alive."""
+    live = [d for d in nodes if d.alive()]
+
+    def converged() -> bool:
+        for d in live:
+            states = peer_states(d)
+            if any(states.get(o.node_id) != "alive" for o in live if o is not d):
+                return False
+        return True
+
+    eventually(converged, timeout=timeout, interval=0.05,
+               message=f"{len(live)} nodes seeing each other alive")
