@@ -72,6 +72,8 @@ class Config:
     reap_after: float = 72 * 3600.0       # s a dead or departed member is remembered
     tombstone_min_age: float = 3600.0     # s before a deletion record may be collected ...
     tombstone_gc_interval: float = 60.0   # ... checked this often (once all members hold it)
+    max_version_jump: int = 1_000_000_000  # a batch claiming an origin this far beyond what
+                                           # we know of it is not believed
 
     @classmethod
     def lan(cls, **overrides: object) -> "Config":

@@ -289,6 +289,7 @@ def test_bad_peer_frames_are_dropped_and_counted(make_daemon):
         records(other, [entry(other, 2, hlc=now_hlc + (3_600_000 << 16))]),   # far future
         records(me, [entry(me, 10**9)], after=10**9 - 1, through=10**9),  # forged own origin
         records(other, ["not a record", 5]),
+        records(other, [], through=10**12),                          # "skip all that"
     ]
     try:
         for f in bad:
@@ -310,7 +311,7 @@ def test_bad_peer_frames_are_dropped_and_counted(make_daemon):
     for key in ("dropped.bad_request", "dropped.unsupported_version",
                 "dropped.invalid_argument", "dropped.too_large", "dropped.invalid_record",
                 "dropped.record_outside_batch", "dropped.future_clock",
-                "dropped.forged_own_origin"):
+                "dropped.forged_own_origin", "dropped.version_jump"):
         assert c.get(key, 0) >= 1, (key, c)
     assert d.alive()
     assert d.memory().get_stats()["total_entries"] == before

@@ -115,8 +115,9 @@ class Membership:
     def alive(self) -> list[Member]:
         return [m for m in self.members.values() if m.up]
 
-    def down_ids(self) -> frozenset[str]:
-        return frozenset(m.node_id for m in self.members.values() if not m.up)
+    def up_ids(self) -> frozenset[str]:
+        """This node and every member alive or suspect."""
+        return frozenset([self.node_id, *(m.node_id for m in self.members.values() if m.up)])
 
     def _max_sends(self) -> int:
         return max(1, self.config.retransmit_mult * math.ceil(math.log10(len(self.members) + 2)))

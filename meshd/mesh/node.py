@@ -46,6 +46,7 @@ class Mesh:
         return self.transport.address
 
     async def start(self) -> None:
+        self.store.up_hosts = self.membership.up_ids()
         self.transport.start()
         self.membership.start()
         self.replicator.start()
@@ -118,7 +119,7 @@ class Mesh:
             self.membership.handle(ftype, sender, reply_to, body)
 
     def _on_change(self, m: Member, old: MemberState | None) -> None:
-        self.store.down_hosts = self.membership.down_ids()
+        self.store.up_hosts = self.membership.up_ids()
         self._save_peers = True
         if m.up and (old is None or old in (MemberState.DEAD, MemberState.LEFT)):
             # New or back: exchange summaries now rather than at the next random round.

@@ -179,6 +179,13 @@ class Replicator:
         if through < after:
             self.counters["dropped.bad_range"] += 1
             return
+        if origin != me:
+            with self.store.read(fold=False):
+                known_now = replication.known(self.store, origin)
+            if through > known_now + self.config.max_version_jump:
+                # Believing it would make us skip everything up to `through`.
+                self.counters["dropped.version_jump"] += 1
+                return
         good: list[dict[str, Any]] = []
         wall_ms = int(self.store.wall() * 1000)
         for raw in body["records"]:

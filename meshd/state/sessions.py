@@ -1,8 +1,8 @@
 """The session registry table: register, ping, status, queries and stats.
 
 A session's effective status is OFFLINE when it was unregistered, when it has not pinged
-for `stale_after` seconds, or when the daemon hosting it is down (`Store.down_hosts`, kept
-by the mesh's membership). It is computed on read, so it needs no timer, the same record
+for `stale_after` seconds, or, in a mesh, when the daemon hosting it is not known to be up
+(`Store.up_hosts`, kept by the membership: this node and the members alive or suspect). It is computed on read, so it needs no timer, the same record
 reads the same on every node that agrees on membership, and a session comes back by
 itself when its host does.
 """
@@ -34,10 +34,10 @@ def _unpack(b: bytes) -> Any:
     return msgpack.unpackb(b, raw=False)
 
 
-#: SQL for the effective status, with two parameters: the staleness cutoff and the hosts
-#: that are down (a JSON list).
-_EFFECTIVE = ("CASE WHEN status != 'offline' AND (last_ping < ? OR host IN "
-              "(SELECT value FROM json_each(?))) THEN 'offline' ELSE status END")
+#: SQL for the effective status, with three parameters: the staleness cutoff, whether the
+#: hosts are known (a mesh), and the hosts that are up (a JSON list).
+_EFFECTIVE = ("CASE WHEN status != 'offline' AND (last_ping < ? OR (? AND host NOT IN "
+              "(SELECT value FROM json_each(?)))) THEN 'offline' ELSE status END")
 
 
 def _row(store: "Store", r: tuple[Any, ...]) -> dict[str, Any]:
@@ -53,8 +53,9 @@ def _select(store: "Store", where: str = "", params: tuple[Any, ...] = ()) -> li
     cutoff = store.now() - store.stale_after
     sql = (f"SELECT {_COLS}, {_EFFECTIVE} AS eff FROM sessions "
            f"WHERE deleted = 0 {where} ORDER BY started_at, session_id")
-    down = json.dumps(sorted(store.down_hosts))
-    return [_row(store, r) for r in store.conn.execute(sql, (cutoff, down, *params))]
+    up = store.up_hosts
+    hosts = (cutoff, up is not None, json.dumps(sorted(up or ())))
+    return [_row(store, r) for r in store.conn.execute(sql, (*hosts, *params))]
 
 
 def register(store: "Store", a: dict[str, Any]) -> dict[str, Any]:

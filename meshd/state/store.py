@@ -59,8 +59,9 @@ class Store:
         # Sessions seen to exist by log_write (committed state). Emptied whenever a session
         # is deleted (`forget_sessions`), so a send to it is checked against SQLite again.
         self.live_sessions: set[str] = set()
-        # Node ids of daemons the mesh considers dead or gone: their sessions read OFFLINE.
-        self.down_hosts: frozenset[str] = frozenset()
+        # In a mesh, the node ids of the daemons known to be up (this one included);
+        # sessions hosted anywhere else read OFFLINE. None: no mesh, hosts do not matter.
+        self.up_hosts: frozenset[str] | None = None
         self.hlc = HLC(0, wall)
         self.version = 0
         self.events: list[Event] = []
