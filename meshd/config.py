@@ -74,6 +74,14 @@ class Config:
     tombstone_gc_interval: float = 60.0   # ... checked this often (once all members hold it)
     max_version_jump: int = 1_000_000_000  # a batch claiming an origin this far beyond what
                                            # we know of it is not believed
+    # --- routing messages between daemons ----------------------------------------------
+    route_tick: float = 0.5               # s between looks at the outboxes (new ones go at once)
+    route_retry: float = 1.0              # s without an ack before a run is sent again ...
+    route_retry_max: float = 30.0         # ... doubling up to this
+    route_batch: int = 256                # routed items per frame at most
+    outbox_max_age: float = 7 * 86400.0   # s a message may wait for its host, then expires
+    outbox_max: int = 100_000             # items queued per destination, then the oldest expire
+    outbox_check_interval: float = 60.0   # s between expiry checks
 
     @classmethod
     def lan(cls, **overrides: object) -> "Config":
@@ -87,7 +95,8 @@ class Config:
                        checkpoint_interval=0.2, probe_interval=0.2, probe_timeout=0.1,
                        suspicion_timeout=1.0, sync_interval=0.3, join_retry=0.1,
                        join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
-                       tombstone_min_age=2.0, tombstone_gc_interval=1.0)
+                       tombstone_min_age=2.0, tombstone_gc_interval=1.0, route_tick=0.1,
+                       route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_(self, **overrides: object) -> "Config":

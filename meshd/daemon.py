@@ -64,6 +64,8 @@ class Daemon:
                              peers=self.mesh.peers if self.mesh else None,
                              on_commit=self.mesh.committed if self.mesh else None)
         await self.ipc.start()
+        if self.mesh is not None:
+            self.mesh.router.on_delivered = self.ipc.publish_events
         self._spawn(self._housekeeping())
         log.info("meshd %s ready: node %s, data in %s, durability=%s, peers on %s",
                  __version__, self.store.node_id, cfg.data_dir, cfg.durability,

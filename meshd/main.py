@@ -50,6 +50,9 @@ def _setup_logging(level: str) -> None:
               help="Address peers should use to reach this node, if not the bind address.")
 @click.option("--join", "join", multiple=True, metavar="HOST:PORT",
               help="A peer to join (repeatable); retried with backoff until it answers.")
+@click.option("--outbox-max-age", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
+              help="How long a message may wait for its recipient's host (default 7 days); "
+                   "older ones expire and are reported.")
 @click.option("--no-mesh", is_flag=True,
               help="Serve this host only: no peer port, no replication.")
 @click.option("--preset", type=click.Choice(["lan", "test"]), default="lan", show_default=True,
@@ -59,7 +62,7 @@ def _setup_logging(level: str) -> None:
 @click.version_option(__version__, prog_name="meshd")
 def main(socket_path: str | None, data_dir: str | None, system: bool, durability: str,
          max_frame: int | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
-         no_mesh: bool, preset: str, log_level: str) -> None:
+         outbox_max_age: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
 
@@ -82,6 +85,8 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["join"] = tuple(join)
     if no_mesh:
         overrides["mesh"] = False
+    if outbox_max_age is not None:
+        overrides["outbox_max_age"] = outbox_max_age
     for hint, addr in [("--bind", bind), ("--advertise", advertise), *[("--join", j) for j in join]]:
         if addr:
             try:

@@ -141,6 +141,11 @@ class Daemon:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if os.environ.get("MESHD_TEST_DUMP_HANGS") and shutil.which("py-spy"):
+                    dump = subprocess.run(["py-spy", "dump", "--pid", str(self.proc.pid)],
+                                          capture_output=True, text=True, timeout=30).stdout
+                    with open(os.environ["MESHD_TEST_DUMP_HANGS"], "a") as f:
+                        f.write(f"--- {self.log_path}\n{dump}\n{self.log()}\n")
                 self.kill9()
         return self.proc.returncode
 

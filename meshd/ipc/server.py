@@ -153,6 +153,11 @@ class IPCServer:
         except FileNotFoundError:
             pass
 
+    def publish_events(self) -> None:
+        """Push what writes made elsewhere (e.g. routed messages) put in inboxes."""
+        self.streams.publish(self.store.take_events())
+        self._recheck()
+
     def housekeeping(self) -> None:
         self.streams.publish(self.store.take_events())   # from writes folded by timers
         self._recheck()

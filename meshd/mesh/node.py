@@ -19,6 +19,7 @@ from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.mesh.membership import Member, Membership
 from meshd.mesh.replicator import Replicator
+from meshd.mesh.router import Router
 from meshd.mesh.transport import Transport
 from meshd.state import replication
 from meshd.state.store import Store
@@ -36,6 +37,7 @@ class Mesh:
         self.transport = Transport(config, ctx, store.node_id, self._on_frame)
         self.membership = Membership(config, self.transport, store.node_id, self._on_change)
         self.replicator = Replicator(config, store, self.membership, self.transport)
+        self.router = Router(config, store, self.membership, self.transport)
         self._seeds: dict[str, tuple[float, float]] = {}    # address -> (next try, backoff)
         self._joined: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -50,6 +52,7 @@ class Mesh:
         self.transport.start()
         self.membership.start()
         self.replicator.start()
+        self.router.start()
         seeds = list(self.config.join) + [a for a in self.store.get_meta(_PEERS_KEY, [])
                                           if isinstance(a, str)]
         now = time.monotonic()
@@ -59,19 +62,22 @@ class Mesh:
         self._task = asyncio.get_running_loop().create_task(self._join_loop())
 
     async def stop(self, leave: bool = True) -> None:
-        if leave and self.membership.members:
-            self.membership.leave()
-            await asyncio.sleep(self.config.leave_grace)   # let the LEFT frames go out
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        await self.membership.stop()
-        await self.replicator.stop()
-        self._persist_peers()
-        self.transport.stop()
+        try:
+            if leave and self.membership.members:
+                self.membership.leave()
+                await asyncio.sleep(self.config.leave_grace)   # let the LEFT frames go out
+            if self._task is not None:
+                self._task.cancel()
+                try:
+                    await self._task
+                except (asyncio.CancelledError, Exception):
+                    pass
+            await self.membership.stop()
+            await self.replicator.stop()
+            await self.router.stop()
+            self._persist_peers()
+        finally:
+            self.transport.stop()          # always: an open socket would hang the context
 
     # --- joining ------------------------------------------------------------------------------
 
@@ -115,6 +121,12 @@ class Mesh:
         elif ftype == FrameType.PULL:
             self.membership.heard_from(sender)
             self.replicator.on_pull(reply_to, body)
+        elif ftype == FrameType.ROUTE:
+            self.membership.heard_from(sender)
+            self.router.on_route(sender, reply_to, body)
+        elif ftype == FrameType.ROUTE_ACK:
+            self.membership.heard_from(sender)
+            self.router.on_ack(sender, body)
         else:
             self.membership.handle(ftype, sender, reply_to, body)
 
@@ -122,13 +134,16 @@ class Mesh:
         self.store.up_hosts = self.membership.up_ids()
         self._save_peers = True
         if m.up and (old is None or old in (MemberState.DEAD, MemberState.LEFT)):
-            # New or back: exchange summaries now rather than at the next random round.
+            # New or back: exchange summaries now rather than at the next random round,
+            # and send what waits for it in the outbox.
             self.replicator.send_sync(m.address, reply=True)
+            self.router.member_up(m.node_id)
 
     # --- hooks for the daemon and its API -----------------------------------------------------
 
     def committed(self) -> None:
         self.replicator.committed()
+        self.router.committed()
 
     def peers(self) -> list[dict[str, Any]]:
         with self.store.read(fold=False):
@@ -150,4 +165,5 @@ class Mesh:
                 "members": len(self.membership.members),
                 "alive": len(self.membership.alive()),
                 "refutations": self.membership.false_refutations,
-                "transport": self.transport.stats(), "replication": self.replicator.stats()}
+                "transport": self.transport.stats(), "replication": self.replicator.stats(),
+                "routing": self.router.stats()}

@@ -29,6 +29,8 @@ HANDLERS: dict[str, Handler] = {
     "message.conversation": messages.conversation,
     "message.mark_read": messages.mark_read,
     "message.stats": messages.stats,
+    "message.status": messages.status,
+    "message.sent": messages.sent,
     "memory.set": memory.set_entry,
     "memory.get": memory.get,
     "memory.get_all": memory.get_all,
@@ -42,7 +44,7 @@ HANDLERS: dict[str, Handler] = {
 
 READ_ONLY = frozenset({
     "session.get", "session.list", "session.find", "session.stats", "message.list",
-    "message.conversation", "message.stats", "memory.get", "memory.get_all", "memory.search",
+    "message.conversation", "message.stats", "message.status", "message.sent", "memory.get", "memory.get_all", "memory.search",
     "memory.by_tags", "memory.by_session", "memory.stats",
 })
 

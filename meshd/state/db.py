@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meshd.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "meshd.db"
 CACHE_KIB = 64 * 1024        # page cache per connection: keeps index pages hot under load
 
@@ -104,8 +104,10 @@ CREATE TABLE IF NOT EXISTS messages (
     timestamp    TEXT NOT NULL,
     in_reply_to  TEXT,
     origin       TEXT NOT NULL,
-    hlc          INTEGER NOT NULL
+    hlc          INTEGER NOT NULL,
+    priority     TEXT NOT NULL DEFAULT 'normal'
 );
+CREATE INDEX IF NOT EXISTS messages_from ON messages(from_session, seq);
 CREATE INDEX IF NOT EXISTS messages_reply ON messages(in_reply_to) WHERE in_reply_to IS NOT NULL;
 CREATE TABLE IF NOT EXISTS inbox (
     session_id TEXT NOT NULL,
@@ -115,7 +117,41 @@ CREATE TABLE IF NOT EXISTS inbox (
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox_heads (session_id TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
+
+-- Routing (messages to sessions hosted by other daemons). The sender's daemon queues, per
+-- destination node and lane (0 = high priority, 1 = normal), items numbered by `seq`:
+-- a message to deliver ('msg') or a read receipt to return ('read'). The destination
+-- applies them in seq order, remembers the last it applied per (origin, lane) in
+-- `route_in`, and acknowledges; acknowledged items leave the outbox.
+CREATE TABLE IF NOT EXISTS outbox (
+    dest       TEXT NOT NULL,
+    lane       INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    queued_ms  INTEGER NOT NULL,
+    PRIMARY KEY (dest, lane, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox_heads (
+    dest TEXT NOT NULL, lane INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (dest, lane)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS route_in (
+    origin TEXT NOT NULL, lane INTEGER NOT NULL, last INTEGER NOT NULL,
+    PRIMARY KEY (origin, lane)
+) WITHOUT ROWID;
+-- What the sender's side knows of each message it routed: per destination node,
+-- queued -> stored -> read, or expired.
+CREATE TABLE IF NOT EXISTS receipts (
+    message_id TEXT NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, at_ms INTEGER NOT NULL,
+    PRIMARY KEY (message_id, node)
+) WITHOUT ROWID;
 """
+
+#: Changes to tables that exist already, by the schema version that introduced them.
+MIGRATIONS = {
+    3: ["ALTER TABLE messages ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'"],
+}
 
 
 def connect(data_dir: str | Path, durability: str = "process",
@@ -151,6 +187,10 @@ def connect(data_dir: str | Path, durability: str = "process",
                              f"({SCHEMA_VERSION}); upgrade meshd")
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
+            if version > 0:                         # an existing database: alter it first
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for stmt in MIGRATIONS.get(v, []):
+                        conn.execute(stmt)
             _run_script(conn, SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")

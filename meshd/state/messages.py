@@ -19,20 +19,36 @@ if TYPE_CHECKING:
     from meshd.state.store import Store
 
 _COLS = ("m.message_id, m.type, m.from_session, m.to_session, m.subject, m.body, m.data, "
-         "m.timestamp, m.in_reply_to")
+         "m.timestamp, m.in_reply_to, m.priority")
 MAX_THREAD_DEPTH = 10_000
+
+
+#: Outbox lanes: high-priority items overtake queued normal ones.
+LANES = {"high": 0, "normal": 1}
+_STATE_RANK = {"queued": 0, "stored": 1, "read": 2}
 
 
 def _row(r: tuple[Any, ...]) -> dict[str, Any]:
     return {"message_id": r[0], "type": r[1], "from_session": r[2], "to_session": r[3],
             "subject": r[4], "body": r[5], "data": msgpack.unpackb(r[6], raw=False),
-            "timestamp": r[7], "in_reply_to": r[8]}
+            "timestamp": r[7], "in_reply_to": r[8], "priority": r[9]}
 
 
-def _recipients(store: "Store", m: dict[str, Any]) -> list[str]:
+def _route(store: "Store", m: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(local sessions whose inbox gets it, other daemons it must be routed to). A direct
+    message goes where its recipient is hosted; a broadcast to every local session but
+    the sender, and once to every other daemon that hosts a session."""
+    me = store.node_id
     if m["to_session"] is not None:
-        return [m["to_session"]]
-    return [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
+        row = store.conn.execute("SELECT host FROM sessions WHERE session_id = ? AND deleted = 0",
+                                 (m["to_session"],)).fetchone()
+        if row is None or row[0] == me:
+            return [m["to_session"]], []
+        return [], [row[0]]
+    local = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
+    hosts = [r[0] for r in store.conn.execute(
+        "SELECT DISTINCT host FROM sessions WHERE deleted = 0 AND host != ?", (me,))]
+    return local, hosts
 
 
 def check_recipient(store: "Store", m: dict[str, Any]) -> None:
@@ -41,28 +57,40 @@ def check_recipient(store: "Store", m: dict[str, Any]) -> None:
 
 
 def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str, Any]:
-    """Store a message and put it in its recipients' inboxes (every local session but the
-    sender for a broadcast). A direct message to an unknown session is an error. The
-    answer is the id and how many inboxes got it (0 for a retry already stored)."""
+    """Store a message, put it in the inboxes of its local recipients (every local session
+    but the sender for a broadcast) and queue it for the daemons hosting the others. A
+    direct message to an unknown session is an error. The answer is the id, how many
+    local inboxes got it and how many daemons it was queued for (0, 0 for a retry)."""
     m = a["message"]
     check_recipient(store, m)
     hlc = store.hlc.now() if hlc is None else hlc
+    priority = m.get("priority", "normal")
     cur = store.conn.execute(
-        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body, data,"
-        " timestamp, in_reply_to, origin, hlc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body,"
+        " data, timestamp, in_reply_to, origin, hlc, priority)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
          msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
-         store.node_id, hlc))
+         store.node_id, hlc, priority))
     if cur.rowcount == 0:                           # a retry: already stored and delivered
-        return {"message_id": m["message_id"], "delivered": 0}
+        return {"message_id": m["message_id"], "delivered": 0, "queued": 0}
     store.events.append((None, int(cur.lastrowid or 0), m))
-    recipients = _recipients(store, m)
-    for sid in recipients:
-        seq = _next_inbox_seq(store, sid)
-        store.conn.execute("INSERT INTO inbox (session_id, seq, message_id) VALUES (?, ?, ?)",
-                           (sid, seq, m["message_id"]))
-        store.events.append((sid, seq, m))
-    return {"message_id": m["message_id"], "delivered": len(recipients)}
+    local, remote = _route(store, m)
+    for sid in local:
+        _to_inbox(store, sid, m)
+    now_ms = int(store.now() * 1000)
+    for host in remote:
+        enqueue(store, host, LANES.get(priority, 1), "msg", m["message_id"], now_ms)
+        store.conn.execute("INSERT OR REPLACE INTO receipts VALUES (?, ?, 'queued', ?)",
+                           (m["message_id"], host, now_ms))
+    return {"message_id": m["message_id"], "delivered": len(local), "queued": len(remote)}
+
+
+def _to_inbox(store: "Store", session_id: str, m: dict[str, Any]) -> None:
+    seq = _next_inbox_seq(store, session_id)
+    store.conn.execute("INSERT INTO inbox (session_id, seq, message_id) VALUES (?, ?, ?)",
+                       (session_id, seq, m["message_id"]))
+    store.events.append((session_id, seq, m))
 
 
 def _next_inbox_seq(store: "Store", session_id: str) -> int:
@@ -81,7 +109,7 @@ def list_inbox(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
     if a["unread_only"]:
         where.append("i.read = 0")
     sql = (f"SELECT {_COLS} FROM inbox i JOIN messages m ON m.message_id = i.message_id "
-           f"WHERE {' AND '.join(where)} ORDER BY i.seq")
+           f"WHERE {' AND '.join(where)} ORDER BY m.priority = 'high' DESC, i.seq")
     return [_row(r) for r in store.conn.execute(sql, params)]
 
 
@@ -109,15 +137,197 @@ def conversation(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def mark_read(store: "Store", a: dict[str, Any]) -> int:
-    """Mark the given messages (all when none are given) of a session's inbox as read."""
+    """Mark the given messages (all when none are given) of a session's inbox as read; the
+    daemons that sent them from elsewhere get a read receipt."""
+    where, params = "session_id = ? AND read = 0", [a["session_id"]]
     if a["message_ids"]:
-        cur = store.conn.executemany(
-            "UPDATE inbox SET read = 1 WHERE session_id = ? AND message_id = ? AND read = 0",
-            [(a["session_id"], mid) for mid in a["message_ids"]])
-    else:
-        cur = store.conn.execute("UPDATE inbox SET read = 1 WHERE session_id = ? AND read = 0",
-                                 (a["session_id"],))
+        where += f" AND message_id IN ({','.join('?' * len(a['message_ids']))})"
+        params += list(dict.fromkeys(a["message_ids"]))
+    ids = [r[0] for r in store.conn.execute(f"SELECT message_id FROM inbox WHERE {where}",
+                                            params)]
+    if not ids:
+        return 0
+    store.conn.execute(f"UPDATE inbox SET read = 1 WHERE {where}", params)
+    now_ms = int(store.now() * 1000)
+    marks = ",".join("?" * len(ids))
+    for mid, origin in store.conn.execute(
+            f"SELECT message_id, origin FROM messages WHERE message_id IN ({marks}) "
+            f"AND origin != ?", (*ids, store.node_id)).fetchall():
+        enqueue(store, origin, LANES["normal"], "read", mid, now_ms)
+    return len(ids)
+
+
+# --- routing: the outbox (sender's side) and in-order delivery (receiver's side) ---------------
+
+def enqueue(store: "Store", dest: str, lane: int, kind: str, message_id: str,
+            now_ms: int) -> int:
+    seq = int(store.conn.execute(
+        "INSERT INTO outbox_heads VALUES (?, ?, 1) ON CONFLICT (dest, lane) "
+        "DO UPDATE SET last = last + 1 RETURNING last", (dest, lane)).fetchone()[0])
+    store.conn.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?)",
+                       (dest, lane, seq, kind, message_id, now_ms))
+    return seq
+
+
+def outbox_destinations(store: "Store") -> list[tuple[str, int, int, int, int]]:
+    """(dest, lane, items, first seq, oldest queued_ms) for every non-empty queue."""
+    return [tuple(r) for r in store.conn.execute(  # type: ignore[misc]
+        "SELECT dest, lane, COUNT(*), MIN(seq), MIN(queued_ms) FROM outbox GROUP BY dest, lane")]
+
+
+def outbox_items(store: "Store", dest: str, lane: int, after: int, limit: int
+                 ) -> list[list[Any]]:
+    """Up to `limit` queued items for `dest` above seq `after`, as [seq, kind, payload]:
+    the routed message (with origin, clock stamp and priority) or the id of a read one."""
+    out: list[list[Any]] = []
+    rows = store.conn.execute(
+        "SELECT seq, kind, message_id FROM outbox WHERE dest = ? AND lane = ? AND seq > ? "
+        "ORDER BY seq LIMIT ?", (dest, lane, after, limit)).fetchall()
+    for seq, kind, mid in rows:
+        if kind == "read":
+            out.append([seq, kind, mid])
+            continue
+        r = store.conn.execute(f"SELECT {_COLS}, m.origin, m.hlc FROM messages m "
+                               f"WHERE m.message_id = ?", (mid,)).fetchone()
+        if r is None:                    # cannot happen (messages are never deleted) - skip
+            continue
+        payload = _row(r[:10])
+        payload["origin"], payload["hlc"] = r[10], r[11]
+        out.append([seq, kind, payload])
+    return out
+
+
+def outbox_acked(store: "Store", dest: str, lane: int, through: int) -> int:
+    """The destination applied everything up to `through`: those items leave the outbox
+    and their messages read as stored there."""
+    now_ms = int(store.now() * 1000)
+    store.conn.execute(
+        "UPDATE receipts SET state = 'stored', at_ms = ? WHERE node = ? AND state = 'queued' AND "
+        "message_id IN (SELECT message_id FROM outbox WHERE dest = ? AND lane = ? AND seq <= ? "
+        "AND kind = 'msg')", (now_ms, dest, dest, lane, through))
+    cur = store.conn.execute("DELETE FROM outbox WHERE dest = ? AND lane = ? AND seq <= ?",
+                             (dest, lane, through))
     return max(cur.rowcount, 0)
+
+
+def expire_outbox(store: "Store", max_age_ms: int, max_items: int) -> list[tuple[str, str]]:
+    """Drop queued items older than `max_age_ms`, or beyond `max_items` per destination
+    (oldest first); their messages read as expired there. Returns (message_id, dest)."""
+    now_ms = int(store.now() * 1000)
+    doomed = store.conn.execute(
+        "SELECT dest, lane, seq, kind, message_id FROM outbox WHERE queued_ms < ?",
+        (now_ms - max_age_ms,)).fetchall()
+    for dest, n in store.conn.execute(
+            "SELECT dest, COUNT(*) FROM outbox GROUP BY dest HAVING COUNT(*) > ?", (max_items,)):
+        doomed += store.conn.execute(
+            "SELECT dest, lane, seq, kind, message_id FROM outbox WHERE dest = ? "
+            "ORDER BY queued_ms, lane, seq LIMIT ?", (dest, n - max_items)).fetchall()
+    out = []
+    for dest, lane, seq, kind, mid in set(doomed):
+        store.conn.execute("DELETE FROM outbox WHERE dest = ? AND lane = ? AND seq = ?",
+                           (dest, lane, seq))
+        if kind == "msg":
+            store.conn.execute("UPDATE receipts SET state = 'expired', at_ms = ? "
+                               "WHERE message_id = ? AND node = ?", (now_ms, mid, dest))
+            out.append((mid, dest))
+    return out
+
+
+def route_in(store: "Store", origin: str, lane: int) -> int:
+    row = store.conn.execute("SELECT last FROM route_in WHERE origin = ? AND lane = ?",
+                             (origin, lane)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def deliver_routed(store: "Store", origin: str, lane: int, first: int,
+                   items: list[list[Any]]) -> tuple[int, int]:
+    """Apply items routed from `origin` in seq order, each exactly once (inside the
+    caller's write transaction). Returns the seq applied through, which the sender is
+    told, and how many messages named a session this node does not know (dropped).
+    A gap stops at the last contiguous item (the sender resends the rest); `first` above
+    what we have means the items in between expired at the sender."""
+    unknown = 0
+    last = route_in(store, origin, lane)
+    if first > last + 1:
+        last = first - 1
+    now_ms = int(store.now() * 1000)
+    for seq, kind, payload in sorted(items, key=lambda it: it[0]):
+        if seq <= last:
+            continue                     # a resend of what we already have
+        if seq != last + 1:
+            break
+        if kind == "msg":
+            unknown += not _store_routed(store, payload)
+        else:
+            store.conn.execute("UPDATE receipts SET state = 'read', at_ms = ? "
+                               "WHERE message_id = ? AND node = ?", (now_ms, payload, origin))
+        last = seq
+    store.conn.execute("INSERT INTO route_in VALUES (?, ?, ?) ON CONFLICT (origin, lane) "
+                       "DO UPDATE SET last = excluded.last", (origin, lane, last))
+    return last, unknown
+
+
+def _store_routed(store: "Store", m: dict[str, Any]) -> bool:
+    """Store a routed message once; False when its recipient is unknown here."""
+    if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
+        return False
+    cur = store.conn.execute(
+        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body,"
+        " data, timestamp, in_reply_to, origin, hlc, priority)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
+         msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
+         m["origin"], m["hlc"], m["priority"]))
+    if cur.rowcount == 0:
+        return True                      # already here (a duplicate id): never twice
+    store.hlc.witness(m["hlc"])
+    store.events.append((None, int(cur.lastrowid or 0), m))
+    if m["to_session"] is not None:
+        recipients = [m["to_session"]]
+    else:
+        recipients = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
+    for sid in recipients:
+        _to_inbox(store, sid, m)
+    return True
+
+
+# --- what the sender can see ---------------------------------------------------------------------
+
+def status(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a message stands: per recipient daemon queued, stored, read or expired (and
+    for local recipients stored or read), and the least advanced of those overall."""
+    row = store.conn.execute(f"SELECT {_COLS} FROM messages m WHERE m.message_id = ?",
+                             (a["message_id"],)).fetchone()
+    if row is None:
+        return None
+    return _with_status(store, _row(row))
+
+
+def _with_status(store: "Store", m: dict[str, Any]) -> dict[str, Any]:
+    states = [{"node": n, "state": st, "at_ms": at} for n, st, at in store.conn.execute(
+        "SELECT node, state, at_ms FROM receipts WHERE message_id = ? ORDER BY node",
+        (m["message_id"],))]
+    for sid, read in store.conn.execute(
+            "SELECT session_id, read FROM inbox WHERE message_id = ? ORDER BY session_id",
+            (m["message_id"],)):
+        states.append({"node": store.node_id, "session_id": sid,
+                       "state": "read" if read else "stored", "at_ms": None})
+    ranks = [_STATE_RANK.get(s["state"], -1) for s in states]
+    if not states:
+        overall = "stored"               # a broadcast with nobody else to reach
+    elif any(s["state"] == "expired" for s in states):
+        overall = "expired"
+    else:
+        overall = next(k for k, v in _STATE_RANK.items() if v == min(ranks))
+    return {"message": m, "state": overall, "deliveries": states}
+
+
+def sent(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages a session sent through this daemon, oldest first, with their state."""
+    rows = store.conn.execute(
+        f"SELECT {_COLS} FROM messages m WHERE m.from_session = ? AND m.origin = ? "
+        f"ORDER BY m.seq", (a["session_id"], store.node_id)).fetchall()
+    return [_with_status(store, _row(r)) for r in rows]
 
 
 def stats(store: "Store", a: dict[str, Any] | None = None) -> dict[str, Any]:

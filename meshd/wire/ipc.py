@@ -130,6 +130,8 @@ COMMANDS: dict[str, Validator] = {
     "message.conversation": _spec(message_id=(s.ident, R)),
     "message.mark_read": _spec(session_id=SID, message_ids=(s.str_list, None)),
     "message.stats": _spec(),
+    "message.status": _spec(message_id=(s.ident, R)),
+    "message.sent": _spec(session_id=SID),
     # shared memory
     "memory.set": _spec(entry=(_record(s.entry_record), R)),
     "memory.get": _spec(key=(s.key, R)),

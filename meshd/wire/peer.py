@@ -44,6 +44,8 @@ class FrameType(IntEnum):
     SYNC = 5         # {digest, members, reply}: anti-entropy push-pull of state summaries
     RECORDS = 6      # {origin, after, through, records, more}: replicated records, a chunk
     PULL = 7         # {origin, after}: send me `origin`'s records above `after`
+    ROUTE = 8        # {lane, first, items}: messages / read receipts for this node, in order
+    ROUTE_ACK = 9    # {lane, through}: applied every routed item up to `through`
 
 
 class MemberState(IntEnum):
@@ -126,7 +128,34 @@ _BODIES: dict[int, dict[str, Callable[[Any], Any]]] = {
                         "records": _records, "more": lambda v: s.boolean(v, "more")},
     FrameType.PULL: {"origin": lambda v: s.ident(v, "origin"),
                      "after": lambda v: s.count(v, "after", 0, 2**62)},
+    FrameType.ROUTE: {"lane": lambda v: s.count(v, "lane", 0, 1),
+                      "first": lambda v: s.count(v, "first", 1, 2**62),
+                      "items": lambda v: _route_items(v)},
+    FrameType.ROUTE_ACK: {"lane": lambda v: s.count(v, "lane", 0, 1),
+                          "through": lambda v: s.count(v, "through", 0, 2**62)},
 }
+
+MAX_ROUTE_ITEMS = 4096
+
+
+def _route_items(v: Any) -> list[list[Any]]:
+    """[[seq, "msg", routed message] | [seq, "read", message_id], ...]; a bad item fails
+    the whole frame (the sender resends from the last applied one)."""
+    if not isinstance(v, list) or len(v) > MAX_ROUTE_ITEMS:
+        raise InvalidArgument(f"items must be a list of at most {MAX_ROUTE_ITEMS}")
+    out = []
+    for item in v:
+        if not isinstance(item, list) or len(item) != 3:
+            raise InvalidArgument("a routed item is [seq, kind, payload]")
+        seq, kind, payload = item
+        seq = s.count(seq, "seq", 1, 2**62)
+        if kind == "msg":
+            out.append([seq, kind, s.routed_message(payload)])
+        elif kind == "read":
+            out.append([seq, kind, s.ident(payload, "message_id")])
+        else:
+            raise InvalidArgument(f"unknown routed item kind {kind!r}")
+    return out
 
 
 def encode(ftype: FrameType, sender: str, reply_to: str, body: dict[str, Any]) -> bytes:

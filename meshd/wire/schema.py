@@ -174,7 +174,27 @@ def message_record(d: Any) -> dict[str, Any]:
         "data": mapping(d.get("data"), "data"),
         "timestamp": text(d.get("timestamp"), "timestamp", 64),
         "in_reply_to": opt_ident(d.get("in_reply_to"), "in_reply_to"),
+        "priority": priority(d.get("priority", "normal")),
     }
+
+
+PRIORITIES = ("normal", "high")
+
+
+def priority(v: Any, field: str = "priority") -> str:
+    """Message priority: "high" overtakes queued "normal" messages (outboxes, inboxes)."""
+    if v not in PRIORITIES:
+        raise InvalidArgument(f"{field} must be one of {', '.join(PRIORITIES)}; got {v!r}")
+    return str(v)
+
+
+def routed_message(d: Any) -> dict[str, Any]:
+    """A message as one daemon routes it to another: the SDK's fields plus its origin
+    daemon and clock stamp."""
+    m = message_record(d)
+    m["origin"] = ident(d.get("origin"), "origin")
+    m["hlc"] = count(d.get("hlc"), "hlc", 0, 2**63 - 1)
+    return m
 
 
 def entry_record(d: Any) -> dict[str, Any]:

@@ -109,18 +109,20 @@ def clear_offline() -> Op:
 # --- collaboration ---------------------------------------------------------------------------
 
 def send(from_session: str, to_session: str | None, type: MessageType | str, subject: str,
-         body: str, data: dict[str, Any] | None = None, in_reply_to: str | None = None) -> Op:
+         body: str, data: dict[str, Any] | None = None, in_reply_to: str | None = None,
+         priority: str = "normal") -> Op:
     # A plain dict (not Message.new(...).to_dict(): asdict deep-copies, and this is a hot path).
     message = {"message_id": new_id(), "type": _enum(type), "from_session": from_session,
                "to_session": to_session, "subject": subject, "body": body,
                "data": {} if data is None else data, "timestamp": now_iso(),
-               "in_reply_to": in_reply_to}
+               "in_reply_to": in_reply_to, "priority": priority}
     return Op("message.send", {"message": message}, Message.from_dict, echo="message")
 
 
 def broadcast(from_session: str, subject: str, body: str,
-              data: dict[str, Any] | None = None) -> Op:
-    return send(from_session, None, MessageType.BROADCAST, subject, body, data)
+              data: dict[str, Any] | None = None, priority: str = "normal") -> Op:
+    return send(from_session, None, MessageType.BROADCAST, subject, body, data,
+                priority=priority)
 
 
 def reply(from_session: str, to_message: Message | dict[str, Any], body: str,
@@ -152,6 +154,21 @@ def mark_read(session_id: str, message_ids: list[str] | None = None) -> Op:
     return Op("message.mark_read", {"session_id": session_id,
                                     "message_ids": [] if message_ids is None else message_ids},
               int)
+
+
+def _status(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {**d, "message": Message.from_dict(d["message"])}
+
+
+def message_status(message_id: str) -> Op:
+    return Op("message.status", {"message_id": message_id}, _status)
+
+
+def sent_messages(session_id: str) -> Op:
+    return Op("message.sent", {"session_id": session_id},
+              lambda rows: [_status(r) for r in rows])
 
 
 def hub_stats() -> Op:

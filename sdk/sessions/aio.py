@@ -348,13 +348,19 @@ class AsyncCollaborationHub(_AsyncBase):
 
     async def send(self, from_session: str, to_session: str, type: MessageType | str,
                    subject: str, body: str, data: dict[str, Any] | None = None,
-                   in_reply_to: str | None = None) -> Message:
+                   in_reply_to: str | None = None, priority: str = "normal") -> Message:
         return await self._run(ops.send(from_session, to_session, type, subject, body, data,
-                                        in_reply_to))
+                                        in_reply_to, priority))
 
     async def broadcast(self, from_session: str, subject: str, body: str,
-                        data: dict[str, Any] | None = None) -> Message:
-        return await self._run(ops.broadcast(from_session, subject, body, data))
+                        data: dict[str, Any] | None = None, priority: str = "normal") -> Message:
+        return await self._run(ops.broadcast(from_session, subject, body, data, priority))
+
+    async def get_message_status(self, message_id: str) -> dict[str, Any] | None:
+        return await self._run(ops.message_status(message_id))
+
+    async def get_sent(self, session_id: str) -> list[dict[str, Any]]:
+        return await self._run(ops.sent_messages(session_id))
 
     async def reply(self, from_session: str, to_message: Message, body: str,
                     data: dict[str, Any] | None = None) -> Message:

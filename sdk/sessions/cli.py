@@ -221,12 +221,17 @@ def print_message(m: Message) -> None:
 @click.option("--type", "mtype", type=enum_choice(MessageType), default=None)
 @click.option("--unread", is_flag=True, help="Only unread messages.")
 @click.option("--mark-read", is_flag=True, help="Mark the listed messages read.")
+@click.option("--sent", is_flag=True,
+              help="The messages the session sent, with their delivery state instead.")
 @json_option
 @pass_ctx
 def messages(c: Ctx, session_id: str, mtype: str | None, unread: bool, mark_read: bool,
-             as_json: bool) -> None:
+             sent: bool, as_json: bool) -> None:
     """Show a session's messages, oldest first."""
     hub = c.hub()
+    if sent:
+        show_sent(hub, session_id, as_json)
+        return
     msgs = hub.get_messages(session_id, message_type=mtype.lower() if mtype else None,
                             unread_only=unread)
     if not msgs and c.registry().get(session_id) is None:
@@ -243,6 +248,24 @@ def messages(c: Ctx, session_id: str, mtype: str | None, unread: bool, mark_read
     for m in msgs:
         click.echo("")
         print_message(m)
+
+
+STATE_EMOJI = {"queued": "⏳", "stored": "📥", "read": "👀", "expired": "⌛"}
+
+
+def show_sent(hub: CollaborationHub, session_id: str, as_json: bool) -> None:
+    rows = hub.get_sent(session_id)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo(f"📭 {session_id} has sent no messages through this daemon")
+        return
+    click.echo(f"📤 {len(rows)} message(s) sent by {session_id}:")
+    for r in rows:
+        m = r["message"]
+        click.echo(f"{STATE_EMOJI.get(r['state'], '?')} {r['state']:<8} {m.message_id}  "
+                   f"→ {m.to_session or 'ALL'}  {m.subject}")
 
 
 @cli.command()

@@ -37,15 +37,28 @@ class CollaborationHub:
 
     def send(self, from_session: str, to_session: str, type: MessageType | str, subject: str,
              body: str, data: dict[str, Any] | None = None,
-             in_reply_to: str | None = None) -> Message:
-        """Send a direct message; an unknown recipient raises NotFound."""
+             in_reply_to: str | None = None, priority: str = "normal") -> Message:
+        """Send a direct message; an unknown recipient raises NotFound. A session on
+        another host gets it through its daemon (queued while that host is away); a
+        "high" priority message overtakes queued normal ones."""
         return self._backend.run(ops.send(from_session, to_session, type, subject, body, data,
-                                          in_reply_to))
+                                          in_reply_to, priority))
 
     def broadcast(self, from_session: str, subject: str, body: str,
-                  data: dict[str, Any] | None = None) -> Message:
-        """Send to every session but the sender."""
-        return self._backend.run(ops.broadcast(from_session, subject, body, data))
+                  data: dict[str, Any] | None = None, priority: str = "normal") -> Message:
+        """Send to every session but the sender, on every host."""
+        return self._backend.run(ops.broadcast(from_session, subject, body, data, priority))
+
+    def get_message_status(self, message_id: str) -> dict[str, Any] | None:
+        """Where a message you sent stands: {"message", "state", "deliveries"}; state is
+        queued (waiting for the recipient's host), stored (in the recipient's inbox),
+        read, or expired (given up after the outbox's age or size limit)."""
+        return self._backend.run(ops.message_status(message_id))
+
+    def get_sent(self, session_id: str) -> list[dict[str, Any]]:
+        """The messages a session sent through this daemon, oldest first, each with its
+        state as in get_message_status()."""
+        return self._backend.run(ops.sent_messages(session_id))
 
     def reply(self, from_session: str, to_message: Message, body: str,
               data: dict[str, Any] | None = None) -> Message:

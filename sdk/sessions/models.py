@@ -104,6 +104,7 @@ class Message:
     data: dict[str, Any] = field(default_factory=dict)
     timestamp: str = field(default_factory=now_iso)
     in_reply_to: str | None = None
+    priority: str = "normal"            # "high" overtakes queued normal messages
 
     def format_signal(self) -> str:
         emoji = SIGNAL_EMOJI.get(MessageType(self.type), "💬")
