@@ -331,9 +331,10 @@ class IPCServer:
         return out
 
     def _schedule_flush(self) -> None:
-        """Hand journaled writes to the fold thread: at once when enough are queued, else
-        after a short delay (so one lone set does not wake the thread); fold in place when
-        the thread falls far behind (backpressure) or a subscriber waits for a message."""
+        """Hand journaled writes to the fold thread: at once when enough are queued or a
+        message may have to be routed, else after a short delay (so one lone set does not
+        wake the thread); fold in place when the thread falls far behind (backpressure)
+        or a local subscriber waits for a message."""
         assert self._loop is not None
         pending = self.store.pending
         if len(pending) >= self.config.journal_flush_max:
@@ -342,8 +343,9 @@ class IPCServer:
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
             self._flush_timer = self._loop.call_soon(self._flush)  # type: ignore[assignment]
-        elif len(pending) >= self.config.journal_handoff:
-            self._hand_off()
+        elif len(pending) >= self.config.journal_handoff or (
+                self.peers is not None and any(r[0] == "message.send" for r in pending)):
+            self._hand_off()        # (a message may have to be routed: no delay for it)
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self.config.journal_flush_delay,
                                                       self._timer)
