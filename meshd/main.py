@@ -48,8 +48,9 @@ def _setup_logging(level: str) -> None:
                    "one) [env MESHD_BIND].")
 @click.option("--advertise", envvar="MESHD_ADVERTISE", default=None,
               help="Address peers should use to reach this node, if not the bind address.")
-@click.option("--join", "join", multiple=True, metavar="HOST:PORT",
-              help="A peer to join (repeatable); retried with backoff until it answers.")
+@click.option("--join", "join", multiple=True, metavar="HOST:PORT", envvar="MESHD_JOIN",
+              help="A peer to join (repeatable); retried with backoff until it answers "
+                   "[env MESHD_JOIN, space-separated].")
 @click.option("--outbox-max-age", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
               help="How long a message may wait for its recipient's host (default 7 days); "
                    "older ones expire and are reported.")
