@@ -155,7 +155,9 @@ def _run_clients(tmp: Path, n: int, nops: int, env: dict[str, str],
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"a client did not finish within {timeout}s") from None
             outputs.append(out.decode(errors="replace"))
-            assert p.returncode == 0, f"client failed ({p.returncode}):\n{outputs[-1][-3000:]}"
+        failed = [f"client {i} exit {p.returncode}:\n{outputs[i][-2000:]}"
+                  for i, p in enumerate(procs) if p.returncode != 0]
+        assert not failed, "\n".join(failed)      # every client's story, not just the first
     finally:
         for p in procs:
             if p.poll() is None:
