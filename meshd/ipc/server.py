@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import socket as pysocket
-from contextlib import nullcontext
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -414,7 +413,8 @@ class IPCServer:
             # (after folding in journaled sets, so it reads them).
             if read_only and len(work) == 1 and self.store.unfolded:
                 self.store.flush()
-            tx = (nullcontext() if read_only and len(work) == 1
+            # (It still holds the store's lock: the fold thread shares the connection.)
+            tx = (self.store.lock if read_only and len(work) == 1
                   else self.store.read() if read_only else self.store.write())
             with tx:
                 for _, req_id, command, args, _ in work:

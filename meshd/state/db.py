@@ -18,7 +18,7 @@ from meshd.errors import StoreError
 
 SCHEMA_VERSION = 3
 DB_NAME = "meshd.db"
-CACHE_KIB = 64 * 1024        # page cache per connection: keeps index pages hot under load
+CACHE_KIB = 4 * 1024         # page cache per connection (RSS); the OS page cache holds the rest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
