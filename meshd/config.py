@@ -64,6 +64,8 @@ class Config:
     suspicion_timeout: float = 2.5        # s a suspect has to refute before it is dead
     retransmit_mult: int = 4              # an update rides on mult x log10(N+1) messages
     sync_interval: float = 2.0            # s between anti-entropy rounds (one random member)
+    push_grace: float = 0.5               # s an anti-entropy gap may be closed by a push in
+                                          # flight before it is pulled
     sync_chunk_records: int = 500         # records per replication chunk at most
     sync_chunk_bytes: int = 256 * 1024    # bytes per replication chunk at most
     join_retry: float = 1.0               # s before retrying a silent seed; doubles ...
@@ -93,7 +95,8 @@ class Config:
         """Short timers so tests converge quickly on loopback."""
         base = replace(cls(), stream_idle_timeout=5.0, expiry_interval=0.5, client_timeout=5.0,
                        checkpoint_interval=0.2, probe_interval=0.2, probe_timeout=0.1,
-                       suspicion_timeout=1.0, sync_interval=0.3, join_retry=0.1,
+                       suspicion_timeout=1.0, sync_interval=0.3, push_grace=0.1,
+                       join_retry=0.1,
                        join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
                        tombstone_min_age=2.0, tombstone_gc_interval=1.0, route_tick=0.1,
                        route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5)

@@ -150,11 +150,27 @@ class Replicator:
             m.digest, m.digest_at = theirs, time.monotonic()
         with self.store.read(fold=False):
             mine = replication.digest(self.store)
-        for origin, version in theirs.items():
-            if version > mine.get(origin, 0):
-                self._pull(reply_to, origin, mine.get(origin, 0))
+        behind = {o: v for o, v in theirs.items() if v > mine.get(o, 0)}
+        if behind:
+            # Under write load the pushes that will close these gaps are usually in
+            # flight: look again a moment later and pull only what is still missing.
+            asyncio.get_running_loop().call_later(
+                self.config.push_grace, self._pull_if_behind, reply_to, behind)
         if body["reply"]:
             self.send_sync(reply_to, reply=False)
+
+    def _pull_if_behind(self, address: str, behind: dict[str, int]) -> None:
+        try:
+            with self.store.read(fold=False):
+                mine = {o: replication.known(self.store, o) for o in behind}
+        except MeshError as exc:
+            log.warning("anti-entropy check failed: %s", exc)
+            return
+        for origin, version in behind.items():
+            if version > mine[origin]:
+                self._pull(address, origin, mine[origin])
+            else:
+                self.counters["pulls_avoided"] += 1
 
     def _pull(self, address: str, origin: str, after: int, force: bool = False) -> None:
         key = (address, origin)
