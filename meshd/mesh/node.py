@@ -77,7 +77,9 @@ class Mesh:
             await self.router.stop()
             self._persist_peers()
         finally:
-            self.transport.stop()          # always: an open socket would hang the context
+            # Always (an open socket would hang the context), giving a leave announcement
+            # still queued a bounded moment to go out.
+            self.transport.stop(linger_ms=1000 if leave else 0)
 
     # --- joining ------------------------------------------------------------------------------
 

@@ -73,9 +73,11 @@ class Transport:
         self._wake()
         log.info("listening for peers on %s (advertised as %s)", self.bound, self.address)
 
-    def stop(self) -> None:
+    def stop(self, linger_ms: int = 0) -> None:
+        """Close everything; with `linger_ms`, frames still queued (a leave announcement)
+        get that long to go out."""
         for sock in self._peers.values():
-            sock.close(0)
+            sock.close(linger_ms)
         self._peers.clear()
         if self._router is not None:
             if self._loop is not None and not self._loop.is_closed():
