@@ -66,12 +66,13 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     node_id: str = ""
     peer_address: str | None = None
+    wrap: list[str] = field(default_factory=list)    # e.g. ["ip", "netns", "exec", NS]
 
     def start(self, timeout: float = 15.0) -> "Daemon":
         # Never the default peer port on every interface: loopback, a free port, unless
         # the test chose (--bind) or wants no mesh at all (--no-mesh).
         net = [] if {"--bind", "--no-mesh"} & set(self.args) else ["--bind", "127.0.0.1:0"]
-        cmd = [sys.executable, "-m", "meshd", "--socket", self.socket, "--data-dir",
+        cmd = [*self.wrap, sys.executable, "-m", "meshd", "--socket", self.socket, "--data-dir",
                self.data_dir, "--preset", "test", "--log-level", "info", *net, *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=subprocess_env(),
