@@ -22,13 +22,9 @@ stays on this host (ipc:// sockets under /tmp); every wait and loop is bounded.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import math
 import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,14 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT / "sdk"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-# Children find the project the same way, installed or not.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    p for p in (str(ROOT), str(ROOT / "sdk"), os.environ.get("PYTHONPATH", "")) if p))
-ENV.pop("MESHD_SOCKET", None)           # the bench names its own socket everywhere
+from _common import ENV, ROOT, cpu_ns, pct_us, read_line, stop_pid  # noqa: E402
 
 import zmq  # noqa: E402
 
@@ -135,61 +124,6 @@ asyncio.run(main())
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def pct(samples_ns: list[int], p: float) -> float:
-    """Nearest-rank percentile, in µs."""
-    s = sorted(samples_ns)
-    return s[max(0, min(len(s) - 1, math.ceil(p * len(s)) - 1))] / 1000.0
-
-
-def cpu_ns(pid: int) -> int | None:
-    """CPU time used so far by every thread of a process (ns), from /proc."""
-    total, found = 0, False
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-                found = True
-        except (OSError, ValueError, IndexError):
-            pass
-    if found:
-        return total
-    try:                                          # no schedstat: clock ticks of /proc/pid/stat
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    """One line of a child's stdout, waiting at most `timeout` seconds."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        return b""
-    return proc.stdout.readline()
-
-
-def stop_pid(proc: subprocess.Popen[Any], timeout: float) -> str:
-    """SIGTERM by pid, then SIGKILL after `timeout`; says how it ended."""
-    if proc.poll() is not None:
-        return f"had already exited ({proc.returncode})"
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-        return f"stopped by SIGTERM (exit {proc.returncode})"
-    except subprocess.TimeoutExpired:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
-        return f"did NOT stop within {timeout:g}s of SIGTERM: killed (SIGKILL)"
 
 
 # --- 1. the raw ceiling ---------------------------------------------------------------------
@@ -494,7 +428,7 @@ def main() -> int:
 
     # --- the table --------------------------------------------------------------------------
     assert daemon is not None
-    raw_p50 = pct(lat["raw"], 0.5)
+    raw_p50 = pct_us(lat["raw"], 0.5)
     mode = daemon.info.get("durability", "?")
     print()
     print(f"meshd IPC benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
@@ -513,12 +447,12 @@ def main() -> int:
     w = 78
     print(f"{'operation':<34}{'p50 µs':>8}{'p99 µs':>9}{'p50/raw':>9}  {'target':<8}meets?")
     print("-" * w)
-    print(f"{'raw pyzmq DEALER->ROUTER (ipc)':<34}{raw_p50:>8.1f}{pct(lat['raw'], 0.99):>9.1f}"
+    print(f"{'raw pyzmq DEALER->ROUTER (ipc)':<34}{raw_p50:>8.1f}{pct_us(lat['raw'], 0.99):>9.1f}"
           f"{1.0:>9.2f}  {'ceiling':<8}-")
     for name in ops:
-        p50 = pct(lat[name], 0.5)
+        p50 = pct_us(lat[name], 0.5)
         ratio = p50 / raw_p50
-        print(f"{name + ' (blocking SDK)':<34}{p50:>8.1f}{pct(lat[name], 0.99):>9.1f}"
+        print(f"{name + ' (blocking SDK)':<34}{p50:>8.1f}{pct_us(lat[name], 0.99):>9.1f}"
               f"{ratio:>9.2f}  {'<= 3x':<8}{'yes' if ratio <= TARGET_RATIO else 'NO'}")
     print()
     print(f"{'throughput':<40}{'per second':>12}  {'target':<10}meets?")
@@ -541,7 +475,7 @@ def main() -> int:
     for name in ["raw"] + list(ops):
         c, s, n = cpu[name]
         label = "raw pyzmq round trip" if name == "raw" else name + " (blocking SDK)"
-        print(f"  {label:<32}{pct(lat[name], 0.5):>9.1f}{c / n / 1000:>12.1f}{s / n / 1000:>12.1f}")
+        print(f"  {label:<32}{pct_us(lat[name], 0.5):>9.1f}{c / n / 1000:>12.1f}{s / n / 1000:>12.1f}")
     for r in runs:
         n = max(1, r["acked"])
         d = "?" if r["daemon_cpu_ns"] is None else f"{r['daemon_cpu_ns'] / n / 1000:.1f}"

@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
-import math
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -46,18 +43,9 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT / "sdk"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-# Children find the project the same way, installed or not.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    p for p in (str(ROOT), str(ROOT / "sdk"), os.environ.get("PYTHONPATH", "")) if p))
-for _v in ("MESHD_SOCKET", "MESHD_BIND", "MESHD_ADVERTISE", "MESHD_JOIN", "MESHD_DATA_DIR",
-           "MESHD_LOG_LEVEL", "MESHD_DURABILITY"):
-    ENV.pop(_v, None)                   # the bench names its own sockets and addresses
+from _common import ENV, ROOT, cpu_ns, eventually, percentile, read_line, stop_pid  # noqa: E402
 
 import zmq  # noqa: E402
 
@@ -118,34 +106,6 @@ s.close(); ctx.term()
 # --- helpers ------------------------------------------------------------------------------
 
 
-def pct(samples: list[float], p: float) -> float:
-    """Nearest-rank percentile (nan when there are no samples)."""
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return s[max(0, min(len(s) - 1, math.ceil(p * len(s)) - 1))]
-
-
-def cpu_ns(pid: int) -> int | None:
-    """CPU time used so far by every thread of a process (ns), from /proc."""
-    total, found = 0, False
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-                found = True
-        except (OSError, ValueError, IndexError):
-            pass
-    if found:
-        return total
-    try:                                          # no schedstat: utime+stime of /proc/pid/stat
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def mem_kb(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of a process, in kB, from
     /proc/PID/status."""
@@ -159,54 +119,6 @@ def mem_kb(pid: int) -> dict[str, int]:
     except (OSError, ValueError, IndexError):
         pass
     return out
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    """One line of a child's stdout, waiting at most `timeout` seconds."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        return b""
-    return proc.stdout.readline()
-
-
-def stop_pid(proc: subprocess.Popen[Any], timeout: float) -> str:
-    """SIGTERM by pid, then SIGKILL after `timeout`; says how it ended."""
-    if proc.poll() is not None:
-        return f"had already exited ({proc.returncode})"
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-        return f"stopped by SIGTERM (exit {proc.returncode})"
-    except subprocess.TimeoutExpired:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            return "did NOT exit even after SIGKILL (5 s)"
-        return f"did NOT stop within {timeout:g}s of SIGTERM: killed (SIGKILL)"
-
-
-def eventually(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
-    """Poll `pred` until true (bounded); returns the seconds it took, raises on timeout.
-    Exceptions from `pred` count as not yet (the last one is reported)."""
-    t0 = time.monotonic()
-    last = ""
-    while True:
-        try:
-            if pred():
-                return time.monotonic() - t0
-        except Exception as exc:
-            last = f" (last error: {type(exc).__name__}: {exc})"
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{last}")
-        time.sleep(interval)
 
 
 # --- the raw ceiling ------------------------------------------------------------------------
@@ -879,24 +791,24 @@ def report(res: dict[str, Any], opts: argparse.Namespace) -> Summary:
     rp = res.get("repl")
     if rp is not None:
         a = rp["all"]
-        p99 = pct(a, 0.99) / 1e6 if a else float("nan")
+        p99 = percentile(a, 0.99) / 1e6 if a else float("nan")
         ok = bool(a) and p99 < TARGET_REPL_P99_MS and rp["missing"] == 0
-        row(f"replication: set -> readable on all {n}, p50 / p99", f"{ms(pct(a, 0.5))} / "
-            f"{ms(pct(a, 0.99))} ms", f"p99 < {TARGET_REPL_P99_MS:g}ms", ok)
+        row(f"replication: set -> readable on all {n}, p50 / p99", f"{ms(percentile(a, 0.5))} / "
+            f"{ms(percentile(a, 0.99))} ms", f"p99 < {TARGET_REPL_P99_MS:g}ms", ok)
         row(f"  max, over {len(a)} sets", f"{ms(max(a) if a else float('nan'))} ms")
         if rp["first"]:
             row("  first other node readable, p50 / p99",
-                f"{ms(pct(rp['first'], 0.5))} / {ms(pct(rp['first'], 0.99))} ms")
+                f"{ms(percentile(rp['first'], 0.5))} / {ms(percentile(rp['first'], 0.99))} ms")
         if rp["ack"]:
             row("  the set() call itself, p50 / p99",
-                f"{ms(pct(rp['ack'], 0.5))} / {ms(pct(rp['ack'], 0.99))} ms")
+                f"{ms(percentile(rp['ack'], 0.5))} / {ms(percentile(rp['ack'], 0.99))} ms")
         if rp["raw"]:
             r = rp["raw"]
             row(f"raw pyzmq: 200 B to {n - 1} receivers + acks, p50 / p99",
-                f"{pct(r, 0.5) / 1e6:.2f} / {pct(r, 0.99) / 1e6:.2f} ms", "ceiling")
+                f"{percentile(r, 0.5) / 1e6:.2f} / {percentile(r, 0.99) / 1e6:.2f} ms", "ceiling")
             if a:
-                row("  meshd / raw, p50 / p99", f"{pct(a, 0.5) / pct(r, 0.5):.1f}x / "
-                    f"{pct(a, 0.99) / pct(r, 0.99):.1f}x")
+                row("  meshd / raw, p50 / p99", f"{percentile(a, 0.5) / percentile(r, 0.5):.1f}x / "
+                    f"{percentile(a, 0.99) / percentile(r, 0.99):.1f}x")
         if rp["polls"]:
             gap = rp["watch_ns"] / rp["polls"] / 1e6
             row("  polling: one get per node every (mean)", f"{gap:.1f} ms")
@@ -906,7 +818,7 @@ def report(res: dict[str, Any], opts: argparse.Namespace) -> Summary:
             if rp["errors"]:
                 print(f"  errors: {dict(rp['errors'])}")
         summary.append((f"replication to all N, p99 < {TARGET_REPL_P99_MS:g} ms", f"N={n}",
-                        f"{ms(pct(a, 0.99))} ms" + (f" ({rp['missing']} missing)"
+                        f"{ms(percentile(a, 0.99))} ms" + (f" ({rp['missing']} missing)"
                                                    if rp["missing"] else ""), ok))
 
     ld = res.get("load")
@@ -915,7 +827,7 @@ def report(res: dict[str, Any], opts: argparse.Namespace) -> Summary:
             f"{ld['acked']:,} / {ld['offered']:,}")
         if ld["lat"]:
             row("  set latency under load, p50 / p99",
-                f"{ms(pct(ld['lat'], 0.5))} / {ms(pct(ld['lat'], 0.99))} ms")
+                f"{ms(percentile(ld['lat'], 0.5))} / {ms(percentile(ld['lat'], 0.99))} ms")
         if ld["errors"]:
             print(f"  FAILED sets {dict(ld['errors'])}; first: {ld['first_error']}")
         ev = ld["events"]

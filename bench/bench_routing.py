@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
-import math
 import os
-import select
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -42,17 +38,9 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(ROOT / "sdk"), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-# Children find the project the same way, installed or not.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    p for p in (str(ROOT), str(ROOT / "sdk"), os.environ.get("PYTHONPATH", "")) if p))
-for _v in ("MESHD_SOCKET", "MESHD_BIND", "MESHD_ADVERTISE", "MESHD_JOIN", "MESHD_DATA_DIR"):
-    ENV.pop(_v, None)                   # the bench names its own sockets and addresses
+from _common import ENV, ROOT, BenchError, cpu_ns, eventually, pct_us, read_line, stop_pid  # noqa: E402
 
 import zmq  # noqa: E402
 
@@ -137,86 +125,10 @@ ctx.term()
 # --- helpers ------------------------------------------------------------------------------
 
 
-class BenchError(RuntimeError):
-    """Something the bench cannot go on without (a process that did not start, a wait
-    that timed out)."""
-
-
-def pct(samples_ns: list[int], p: float) -> float:
-    """Nearest-rank percentile, in µs (nan when there are no samples)."""
-    if not samples_ns:
-        return float("nan")
-    s = sorted(samples_ns)
-    return s[max(0, min(len(s) - 1, math.ceil(p * len(s)) - 1))] / 1000.0
-
-
-def cpu_ns(pid: int) -> int | None:
-    """CPU time used so far by every thread of a process (ns), from /proc."""
-    total, found = 0, False
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-                found = True
-        except (OSError, ValueError, IndexError):
-            pass
-    if found:
-        return total
-    try:                                          # no schedstat: clock ticks of /proc/pid/stat
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def cpu_of(pids: list[int]) -> int:
     return sum(cpu_ns(p) or 0 for p in pids)
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    """One line of a child's stdout, waiting at most `timeout` seconds."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        return b""
-    return proc.stdout.readline()
-
-
-def stop_pid(proc: subprocess.Popen[Any], timeout: float) -> str:
-    """SIGTERM by pid, then SIGKILL after `timeout`; says how it ended."""
-    if proc.poll() is not None:
-        return f"had already exited ({proc.returncode})"
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-        return f"stopped by SIGTERM (exit {proc.returncode})"
-    except subprocess.TimeoutExpired:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
-        return f"did NOT stop within {timeout:g}s of SIGTERM: killed (SIGKILL)"
-
-
-def eventually(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
-    """Poll `pred` until true (bounded); returns the seconds it took, raises on timeout.
-    Exceptions from `pred` count as not yet (the last one is reported)."""
-    t0 = time.monotonic()
-    last = ""
-    while True:
-        try:
-            if pred():
-                return time.monotonic() - t0
-        except Exception as exc:
-            last = f" (last error: {type(exc).__name__}: {exc})"
-        if time.monotonic() - t0 > timeout:
-            raise BenchError(f"timed out after {timeout:g}s waiting for {what}{last}")
-        time.sleep(interval)
 
 
 # --- 1. the raw relay ---------------------------------------------------------------------
@@ -829,22 +741,22 @@ def main() -> int:
               f"{'verdict':<8}{'lost':>5}")
         print("-" * w)
         for row in rows:
-            p50, p99, top = pct(row["lat"], 0.5), pct(row["lat"], 0.99), pct(row["lat"], 1.0)
+            p50, p99, top = pct_us(row["lat"], 0.5), pct_us(row["lat"], 0.99), pct_us(row["lat"], 1.0)
             if row.get("raw"):
                 print(f"{row['name']:<50}{p50:>9.0f}{p99:>9.0f}{top:>8.0f}{1.0:>7.2f}  "
                       f"{'ceiling':<8}{'-':<8}{row['lost']:>5}")
                 continue
-            ratio = p50 / pct(row["ref"], 0.5)
+            ratio = p50 / pct_us(row["ref"], 0.5)
             print(f"{row['name']:<50}{p50:>9.0f}{p99:>9.0f}{top:>8.0f}{ratio:>7.2f}  "
                   f"{'<= 2x':<8}{verdict(ratio <= TARGET_LATENCY):<8}{row['lost']:>5}")
         for row in rows:
             if "call" in row:
                 print(f"  (the blocking send() call itself, acknowledged by node 0: p50 "
-                      f"{pct(row['call'], 0.5):.0f} µs, p99 {pct(row['call'], 0.99):.0f} µs)")
+                      f"{pct_us(row['call'], 0.5):.0f} µs, p99 {pct_us(row['call'], 0.99):.0f} µs)")
             if "first" in row and row["first"]:
                 print(f"  (N={row['name'].split('N=')[1].split()[0]}: the first receiver had it "
-                      f"after p50 {pct(row['first'], 0.5):.0f} µs, p99 "
-                      f"{pct(row['first'], 0.99):.0f} µs)")
+                      f"after p50 {pct_us(row['first'], 0.5):.0f} µs, p99 "
+                      f"{pct_us(row['first'], 0.99):.0f} µs)")
 
     if tp_rows:
         print()
