@@ -65,13 +65,7 @@ def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str,
     check_recipient(store, m)
     hlc = store.hlc.now() if hlc is None else hlc
     priority = m.get("priority", "normal")
-    cur = store.conn.execute(
-        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body,"
-        " data, timestamp, in_reply_to, origin, hlc, priority)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
-         msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
-         store.node_id, hlc, priority))
+    cur = _insert(store, m, store.node_id, hlc, priority)
     if cur.rowcount == 0:                           # a retry: already stored and delivered
         return {"message_id": m["message_id"], "delivered": 0, "queued": 0}
     store.events.append((None, int(cur.lastrowid or 0), m))
@@ -84,6 +78,17 @@ def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str,
         store.conn.execute("INSERT OR REPLACE INTO receipts VALUES (?, ?, 'queued', ?)",
                            (m["message_id"], host, now_ms))
     return {"message_id": m["message_id"], "delivered": len(local), "queued": len(remote)}
+
+
+def _insert(store: "Store", m: dict[str, Any], origin: str, hlc: int, priority: str) -> Any:
+    """Store a message once by id (INSERT OR IGNORE: rowcount 0 means it was there)."""
+    return store.conn.execute(
+        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body,"
+        " data, timestamp, in_reply_to, origin, hlc, priority)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
+         msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
+         origin, hlc, priority))
 
 
 def _to_inbox(store: "Store", session_id: str, m: dict[str, Any]) -> None:
@@ -271,13 +276,7 @@ def _store_routed(store: "Store", m: dict[str, Any]) -> bool:
     """Store a routed message once; False when its recipient is unknown here."""
     if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
         return False
-    cur = store.conn.execute(
-        "INSERT OR IGNORE INTO messages (message_id, type, from_session, to_session, subject, body,"
-        " data, timestamp, in_reply_to, origin, hlc, priority)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m["message_id"], m["type"], m["from_session"], m["to_session"], m["subject"], m["body"],
-         msgpack.packb(m["data"], use_bin_type=True), m["timestamp"], m["in_reply_to"],
-         m["origin"], m["hlc"], m["priority"]))
+    cur = _insert(store, m, m["origin"], m["hlc"], m["priority"])
     if cur.rowcount == 0:
         return True                      # already here (a duplicate id): never twice
     store.hlc.witness(m["hlc"])
