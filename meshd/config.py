@@ -70,12 +70,21 @@ class Config:
     sync_chunk_bytes: int = 256 * 1024    # bytes per replication chunk at most
     join_retry: float = 1.0               # s before retrying a silent seed; doubles ...
     join_retry_max: float = 30.0          # ... up to this
+    reconnect_interval: float = 5.0       # s between attempts to reach members declared
+                                          # dead (a healed partition, a host back up) ...
+    reconnect_max: int = 8                # ... this many of them per attempt, at random
     leave_grace: float = 0.2              # s to let the leave announcement go out on stop
     reap_after: float = 72 * 3600.0       # s a dead or departed member is remembered
     tombstone_min_age: float = 3600.0     # s before a deletion record may be collected ...
     tombstone_gc_interval: float = 60.0   # ... checked this often (once all members hold it)
     max_version_jump: int = 1_000_000_000  # a batch claiming an origin this far beyond what
                                            # we know of it is not believed
+    # --- discovery on the LAN (mDNS / DNS-SD) -----------------------------------------
+    discovery: bool = True                # announce and browse _meshd._tcp.local.
+    cluster: str = "default"              # only peers announcing the same name are joined
+    interfaces: tuple[str, ...] = ()      # IPv4 addresses to run mDNS on; () = the bind
+                                          # address, or every non-loopback one for 0.0.0.0
+    discovery_resolve_timeout: float = 3.0  # s to wait for a service's records per try
     # --- routing messages between daemons ----------------------------------------------
     route_tick: float = 0.5               # s between looks at the outboxes (new ones go at once)
     route_retry: float = 1.0              # s without an ack before a run is sent again ...
@@ -96,7 +105,7 @@ class Config:
         base = replace(cls(), stream_idle_timeout=5.0, expiry_interval=0.5, client_timeout=5.0,
                        checkpoint_interval=0.2, probe_interval=0.2, probe_timeout=0.1,
                        suspicion_timeout=1.0, sync_interval=0.3, push_grace=0.1,
-                       join_retry=0.1,
+                       join_retry=0.1, reconnect_interval=0.5,
                        join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
                        tombstone_min_age=2.0, tombstone_gc_interval=1.0, route_tick=0.1,
                        route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5)

@@ -4,6 +4,7 @@ journald-friendly logging, and runs the daemon."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ import click
 from meshd import __version__
 from meshd.config import DURABILITY_MODES, Config, default_data_dir, default_socket_path
 from meshd.errors import MeshError
+from meshd.wire.discovery import check_cluster
 from meshd.wire.peer import parse_address
 
 
@@ -51,6 +53,18 @@ def _setup_logging(level: str) -> None:
 @click.option("--join", "join", multiple=True, metavar="HOST:PORT", envvar="MESHD_JOIN",
               help="A peer to join (repeatable); retried with backoff until it answers "
                    "[env MESHD_JOIN, space-separated].")
+@click.option("--cluster", envvar="MESHD_CLUSTER", default=None, metavar="NAME",
+              help="Cluster name: mDNS discovery joins only peers announcing the same one "
+                   "(default 'default') [env MESHD_CLUSTER].")
+@click.option("--interface", "interfaces", multiple=True, metavar="ADDR",
+              envvar="MESHD_INTERFACE",
+              help="IPv4 address of an interface to run mDNS discovery on (repeatable; "
+                   "default: the bind address, or every non-loopback one) "
+                   "[env MESHD_INTERFACE, space-separated].")
+@click.option("--discovery/--no-discovery", default=True, envvar="MESHD_DISCOVERY",
+              show_default=True,
+              help="Announce and browse for peers over mDNS on the LAN; with --no-discovery "
+                   "only --join peers are joined [env MESHD_DISCOVERY=0/1].")
 @click.option("--outbox-max-age", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
               help="How long a message may wait for its recipient's host (default 7 days); "
                    "older ones expire and are reported.")
@@ -63,6 +77,7 @@ def _setup_logging(level: str) -> None:
 @click.version_option(__version__, prog_name="meshd")
 def main(socket_path: str | None, data_dir: str | None, system: bool, durability: str,
          max_frame: int | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
+         cluster: str | None, interfaces: tuple[str, ...], discovery: bool,
          outbox_max_age: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
@@ -86,6 +101,21 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["join"] = tuple(join)
     if no_mesh:
         overrides["mesh"] = False
+    if not discovery:
+        overrides["discovery"] = False
+    if cluster is not None:
+        try:
+            overrides["cluster"] = check_cluster(cluster)
+        except MeshError as exc:
+            raise click.BadParameter(str(exc), param_hint="--cluster") from None
+    if interfaces:
+        for a in interfaces:
+            try:
+                ipaddress.IPv4Address(a)
+            except ValueError:
+                raise click.BadParameter(f"{a!r} is not an IPv4 address",
+                                         param_hint="--interface") from None
+        overrides["interfaces"] = tuple(interfaces)
     if outbox_max_age is not None:
         overrides["outbox_max_age"] = outbox_max_age
     for hint, addr in [("--bind", bind), ("--advertise", advertise), *[("--join", j) for j in join]]:

@@ -50,6 +50,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop("MESHD_SOCKET", None)
     # A daemon a test starts with defaults listens for peers on loopback, on a free port.
     env["MESHD_BIND"] = "127.0.0.1:0"
+    # Never mDNS on this machine's own network: only lab tests (namespaces) turn it on.
+    env["MESHD_DISCOVERY"] = "0"
     env.pop("MESHD_ADVERTISE", None)
     env.update(extra)
     return env

@@ -96,6 +96,7 @@ class Membership:
         self.broadcasts = BroadcastQueue()
         self.leaving = False
         self.false_refutations = 0            # times we had to refute a rumour of our death
+        self.wrong_node_pings = 0             # probes for another node id at our address
         self._seq = itertools.count(1)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._relays: dict[int, tuple[str, int, float]] = {}   # seq -> (requester, their seq, expiry)
@@ -209,6 +210,11 @@ class Membership:
             self.apply([(sender, reply_to, int(MemberState.ALIVE), 0)])
         self.heard_from(sender)
         if ftype == FrameType.PING:
+            if body.get("node", self.node_id) != self.node_id:
+                # Meant for whoever had this address before us: silence lets it be
+                # found dead instead of kept alive by our answers.
+                self.wrong_node_pings += 1
+                return
             self.transport.send(reply_to, FrameType.ACK,
                                 {"seq": body["seq"], "updates": self._piggyback()})
         elif ftype == FrameType.ACK:
@@ -224,7 +230,8 @@ class Membership:
             seq = next(self._seq)
             self._relays[seq] = (reply_to, body["seq"], self.clock() + self.config.probe_interval)
             self.transport.send(body["target_addr"], FrameType.PING,
-                                {"seq": seq, "updates": self._piggyback()})
+                                {"seq": seq, "updates": self._piggyback(),
+                                 "node": body["target"]})
 
     # --- probing -----------------------------------------------------------------------------
 
@@ -280,7 +287,8 @@ class Membership:
         self._acks[seq] = fut
         try:
             self.transport.send(target.address, FrameType.PING,
-                                {"seq": seq, "updates": self._piggyback()})
+                                {"seq": seq, "updates": self._piggyback(),
+                                 "node": target.node_id})
             try:
                 await asyncio.wait_for(asyncio.shield(fut), cfg.probe_timeout)
                 return
@@ -294,7 +302,8 @@ class Membership:
                                      "target_addr": target.address})
             # One more direct try too: a lost frame should not make a suspect.
             self.transport.send(target.address, FrameType.PING,
-                                {"seq": seq, "updates": self._piggyback()})
+                                {"seq": seq, "updates": self._piggyback(),
+                                 "node": target.node_id})
             try:
                 await asyncio.wait_for(asyncio.shield(fut),
                                        max(cfg.probe_interval - cfg.probe_timeout,

@@ -2,14 +2,16 @@
 
 It routes each incoming peer frame to the part that owns it, keeps the store's view of
 which hosts are down (their sessions read OFFLINE), joins the seed addresses given with
-`--join` (and the peers it knew before a restart) with backoff until they answer, and
-announces a graceful leave on shutdown.
+`--join`, found by mDNS discovery, or known before a restart, with backoff until they
+answer, keeps knocking on members declared dead (a healed partition, a host back up: as
+Serf's reconnect), and announces a graceful leave on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
@@ -17,6 +19,7 @@ import zmq
 
 from meshd.config import Config
 from meshd.errors import MeshError
+from meshd.mesh.discovery import Discovery
 from meshd.mesh.membership import Member, Membership
 from meshd.mesh.replicator import Replicator
 from meshd.mesh.router import Router
@@ -40,8 +43,11 @@ class Mesh:
         self.router = Router(config, store, self.membership, self.transport)
         self._seeds: dict[str, tuple[float, float]] = {}    # address -> (next try, backoff)
         self._joined: set[str] = set()
+        self._discovered: set[str] = set()     # seed addresses that came from mDNS
+        self._next_reconnect = 0.0
         self._task: asyncio.Task[None] | None = None
         self._save_peers = False
+        self.discovery: Discovery | None = None
 
     @property
     def address(self) -> str:
@@ -59,10 +65,17 @@ class Mesh:
         for addr in dict.fromkeys(seeds):
             if addr != self.address:
                 self._seeds[addr] = (now, self.config.join_retry)
+        self._next_reconnect = now + self.config.reconnect_interval
         self._task = asyncio.get_running_loop().create_task(self._join_loop())
+        if self.config.discovery:
+            self.discovery = Discovery(self.config, self.store.node_id, self.address,
+                                       self.discovered, self.undiscovered)
+            await self.discovery.start()
 
     async def stop(self, leave: bool = True) -> None:
         try:
+            if self.discovery is not None:
+                await self.discovery.stop()
             if leave and self.membership.members:
                 self.membership.leave()
                 await asyncio.sleep(self.config.leave_grace)   # let the LEFT frames go out
@@ -95,9 +108,45 @@ class Mesh:
                     self.replicator.send_sync(addr, reply=True)
                     nxt = min(backoff * 2, self.config.join_retry_max)
                     self._seeds[addr] = (now + backoff, nxt)
+            if now >= self._next_reconnect:
+                self._next_reconnect = now + self.config.reconnect_interval
+                self._reconnect()
             if self._save_peers:
                 self._persist_peers()
             await asyncio.sleep(min(self.config.join_retry, 1.0))
+
+    def _reconnect(self) -> None:
+        """Knock on a few members declared dead. A SYNC carries our member table, so one
+        that is back refutes its death and both sides catch up; one still gone costs a
+        single queued frame (its old queue is dropped first, so nothing piles up)."""
+        dead = [m for m in self.membership.members.values() if m.state == MemberState.DEAD]
+        for m in random.sample(dead, min(len(dead), self.config.reconnect_max)):
+            self.transport.forget(m.address)
+            self.replicator.send_sync(m.address, reply=True)
+
+    def discovered(self, node_id: str, addresses: list[str]) -> None:
+        """mDNS heard a peer of our cluster: join it as a seed, unless it is already a
+        member that is up at that address."""
+        m = self.membership.members.get(node_id)
+        if m is not None and m.up and m.address in addresses:
+            return
+        now = time.monotonic()
+        for addr in addresses:
+            if addr == self.address:
+                continue
+            self._discovered.add(addr)
+            self._joined.discard(addr)
+            self.replicator.send_sync(addr, reply=True)      # now, not at the next tick
+            self._seeds[addr] = (now + self.config.join_retry,
+                                 min(self.config.join_retry * 2, self.config.join_retry_max))
+
+    def undiscovered(self, addresses: list[str]) -> None:
+        """An announcement went away: stop knocking at its addresses (unless they were
+        given with --join). The member itself stays: membership decides."""
+        for addr in addresses:
+            if addr in self._discovered and addr not in self.config.join:
+                self._discovered.discard(addr)
+                self._seeds.pop(addr, None)
 
     def _persist_peers(self) -> None:
         self._save_peers = False
@@ -167,5 +216,7 @@ class Mesh:
                 "members": len(self.membership.members),
                 "alive": len(self.membership.alive()),
                 "refutations": self.membership.false_refutations,
+                "wrong_node_pings": self.membership.wrong_node_pings,
                 "transport": self.transport.stats(), "replication": self.replicator.stats(),
-                "routing": self.router.stats()}
+                "routing": self.router.stats(),
+                "discovery": self.discovery.stats() if self.discovery else {"state": "off"}}

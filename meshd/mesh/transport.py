@@ -204,4 +204,11 @@ def advertise_host(bind_host: str) -> str:
             s.connect(("10.255.255.255", 1))     # no packet is sent: this only picks a route
             return str(s.getsockname()[0])
     except OSError:
-        return "127.0.0.1"
+        pass
+    # No route out (a LAN without a default gateway): the first non-loopback address.
+    import ifaddr                                 # comes with zeroconf
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if ip.is_IPv4 and not str(ip.ip).startswith(("127.", "169.254.")):
+                return str(ip.ip)
+    return "127.0.0.1"

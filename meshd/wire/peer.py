@@ -135,6 +135,14 @@ _BODIES: dict[int, dict[str, Callable[[Any], Any]]] = {
                           "through": lambda v: s.count(v, "through", 0, 2**62)},
 }
 
+#: Fields a frame may carry, checked when present (added after version 1 shipped, so a
+#: peer that does not send them is still understood).
+_OPTIONAL: dict[int, dict[str, Callable[[Any], Any]]] = {
+    # PING: the node id the prober means. Another node now at that address (a host
+    # reinstalled with a new identity) must not answer for the old one.
+    FrameType.PING: {"node": lambda v: s.ident(v, "node")},
+}
+
 MAX_ROUTE_ITEMS = 4096
 
 
@@ -180,4 +188,7 @@ def decode(frame: bytes, max_bytes: int) -> tuple[FrameType, str, str, dict[str,
     if missing:
         raise InvalidArgument(f"peer frame lacks {', '.join(missing)}")
     clean = {k: check(body[k]) for k, check in spec.items()}
+    for k, check in _OPTIONAL.get(ftype, {}).items():
+        if k in body:
+            clean[k] = check(body[k])
     return FrameType(ftype), s.ident(sender, "sender"), address(reply_to, "reply_to"), clean

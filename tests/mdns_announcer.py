@@ -1,0 +1,61 @@
+"""A foreign mDNS announcer for the discovery tests: announces `_meshd._tcp.local.` services
+that meshd must not believe, from inside a lab namespace, until SIGTERM.
+
+It uses python-zeroconf directly (none of meshd's code), the way another implementation
+or a misconfigured host on the LAN would announce. Usage:
+    python mdns_announcer.py INTERFACE_ADDR SILENT_ADDR
+Prints one JSON line {"ready": true, "silent_node": ...} once every service is registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+TYPE = "_meshd._tcp.local."
+GOOD = {"node": "", "cluster": "default", "proto": "1", "port": "7747"}
+SILENT_NODE = "5" * 32
+
+
+def services(iface: str, silent: str) -> list[AsyncServiceInfo]:
+    def svc(label: str, props: dict, port: int = 7747, addr: str = iface) -> AsyncServiceInfo:
+        return AsyncServiceInfo(TYPE, f"{label}.{TYPE}", port=port, properties=props,
+                                server=f"foreign-{label}.local.", parsed_addresses=[addr])
+    node = lambda c: c * 32                       # noqa: E731 - a well-formed node id
+    return [
+        svc("no-txt", {}),                                          # malformed: nothing
+        svc("bad-node", {**GOOD, "node": "not a node id"}),         # malformed node
+        svc("not-utf8", {**GOOD, "node": b"\xff\xfe" * 16}),        # malformed encoding
+        svc("port-mismatch", {**GOOD, "node": node("a")}, port=7748),  # TXT 7747, SRV 7748
+        svc("no-port", {k: v for k, v in {**GOOD, "node": node("b")}.items() if k != "port"}),
+        svc("old-proto", {**GOOD, "node": node("c"), "proto": "99"}),  # another protocol
+        svc("other-cluster", {**GOOD, "node": node("d"), "cluster": "elsewhere"}),
+        svc("loopback", {**GOOD, "node": node("e")}, addr="127.0.0.1"),
+        # Well formed, but nobody answers at that address: retried, never a member.
+        svc("silent", {**GOOD, "node": SILENT_NODE}, addr=silent),
+    ]
+
+
+async def main(iface: str, silent: str) -> None:
+    zc = AsyncZeroconf(interfaces=[iface], ip_version=IPVersion.V4Only)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    infos = services(iface, silent)
+    announced = await asyncio.gather(*(zc.async_register_service(i) for i in infos))
+    await asyncio.gather(*announced)
+    print(json.dumps({"ready": True, "silent_node": SILENT_NODE,
+                      "names": [i.name for i in infos]}), flush=True)
+    try:
+        await asyncio.wait_for(stop.wait(), 300)      # bounded, even if nobody stops us
+    except asyncio.TimeoutError:
+        pass
+    await zc.async_close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))

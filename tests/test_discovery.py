@@ -1,0 +1,284 @@
+"""LAN discovery over mDNS: real daemons on real hosts (network namespaces on a bridge, see
+netlab.py) that find each other with no --join at all, stay apart by cluster, are seen by
+an mDNS implementation that is not ours (dig), and ignore what foreign announcers say.
+
+The first tests check announcement parsing and interface choice without any network.
+The lab tests need root (CI runs as root) and skip with the reason otherwise. mDNS only
+ever runs inside the lab's namespaces: daemons on this machine's own network are started
+with discovery off (conftest) and a loopback bind, where it refuses to run anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import netlab
+from conftest import Daemon, eventually, peer_states, wait_converged
+from meshd.config import Config
+from meshd.errors import InvalidArgument
+from meshd.mesh.discovery import choose_interfaces
+from meshd.wire import discovery as wd
+from test_mesh import wait_same_state
+
+REASON = netlab.skip_reason()
+needs_lab = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+NODE = "0123456789abcdef0123456789abcdef"
+GOOD = {b"node": NODE.encode(), b"cluster": b"default", b"proto": b"1", b"port": b"7747"}
+
+
+# --- what an announcement must say (no network) -----------------------------------------------
+
+def test_a_well_formed_announcement_is_believed():
+    ann = wd.parse(GOOD, 7747, ["10.1.2.3", "fe80::1", "127.0.0.1"], "default")
+    assert (ann.node_id, ann.port, ann.addresses) == (NODE, 7747, ("10.1.2.3",))
+    assert ann.peer_addresses() == ["10.1.2.3:7747"]
+
+
+@pytest.mark.parametrize("props, srv_port, addrs, reason", [
+    ({}, 7747, ["10.1.2.3"], "malformed"),
+    ({**GOOD, b"node": None}, 7747, ["10.1.2.3"], "malformed"),
+    ({**GOOD, b"node": b"NOT-A-NODE"}, 7747, ["10.1.2.3"], "malformed"),
+    ({**GOOD, b"node": b"\xff" * 32}, 7747, ["10.1.2.3"], "malformed"),
+    ({**GOOD, b"proto": b"2"}, 7747, ["10.1.2.3"], "protocol"),
+    ({**GOOD, b"proto": b"one"}, 7747, ["10.1.2.3"], "protocol"),
+    ({**GOOD, b"cluster": b"other"}, 7747, ["10.1.2.3"], "cluster"),
+    ({**GOOD, b"port": b"99999"}, 7747, ["10.1.2.3"], "malformed"),
+    (GOOD, 7748, ["10.1.2.3"], "malformed"),
+    (GOOD, None, ["10.1.2.3"], "malformed"),
+    (GOOD, 7747, [], "malformed"),
+    (GOOD, 7747, ["127.0.0.1", "0.0.0.0", "224.0.0.251", "garbage"], "malformed"),
+])
+def test_a_bad_announcement_is_ignored_with_its_reason(props, srv_port, addrs, reason):
+    with pytest.raises(wd.Ignored) as err:
+        wd.parse(props, srv_port, addrs, "default")
+    assert err.value.reason == reason
+
+
+def test_cluster_names_are_checked():
+    assert wd.check_cluster("team-a.prod_1") == "team-a.prod_1"
+    for bad in ["", "-x", "a b", "x" * 64, "é"]:
+        with pytest.raises(InvalidArgument):
+            wd.check_cluster(bad)
+
+
+def test_discovery_never_runs_on_loopback():
+    """A daemon bound to loopback (every test daemon on this machine) gets no interface."""
+    assert choose_interfaces(Config(bind="127.0.0.1:0"), "127.0.0.1") == []
+    assert choose_interfaces(Config(interfaces=("127.0.0.1",)), "127.0.0.1") == []
+    assert choose_interfaces(Config(bind="10.9.8.7:7747"), "10.9.8.7") == ["10.9.8.7"]
+    assert choose_interfaces(Config(interfaces=("10.1.1.1", "127.0.0.1")), "x") == ["10.1.1.1"]
+
+
+def test_the_daemon_rejects_bad_discovery_flags(tmp_path):
+    from conftest import subprocess_env
+    for args in (["--cluster", "bad name"], ["--interface", "eth0"]):
+        r = subprocess.run([sys.executable, "-m", "meshd", "--data-dir", str(tmp_path / "d"),
+                            "--socket", str(tmp_path / "s.sock"), *args],
+                           capture_output=True, text=True, env=subprocess_env(), timeout=30)
+        assert r.returncode == 2, r.stderr
+        assert args[0] in r.stderr
+
+
+# --- the lab --------------------------------------------------------------------------------
+
+@pytest.fixture
+def lab() -> Iterator[Callable[[int], netlab.Lab]]:
+    made: list[netlab.Lab] = []
+
+    def make(n: int) -> netlab.Lab:
+        made.append(netlab.Lab(n))
+        return made[-1]
+    try:
+        yield make
+    finally:
+        for lb in made:
+            lb.close()
+
+
+@pytest.fixture
+def lan(lab, short_tmp) -> Iterator[Callable[..., list[Daemon]]]:
+    """lan(n, args_for=lambda i: [...]) -> n daemons, one per lab host, with discovery on,
+    the default bind (0.0.0.0:7747) and no --join. All are stopped at the end."""
+    started: list[Daemon] = []
+
+    def make(n: int, args_for: Callable[[int], list[str]] = lambda i: [],
+             hosts: netlab.Lab | None = None) -> list[Daemon]:
+        lb = hosts or lab(n)
+        nodes = []
+        for i in range(n):
+            d = Daemon(socket=str(short_tmp / f"h{i}.sock"),
+                       data_dir=str(short_tmp / f"h{i}-data"),
+                       log_path=str(short_tmp / f"h{i}.log"),
+                       args=["--bind", "0.0.0.0:7747", "--discovery", *args_for(i)],
+                       wrap=["ip", "netns", "exec", lb.hosts[i]])
+            started.append(d)
+            nodes.append(d.start())
+        return nodes
+    try:
+        yield make
+    finally:
+        for d in started:
+            d.stop(timeout=10)
+
+
+def discovery_stats(d: Daemon) -> dict:
+    return d.registry(timeout=5).node_info()["mesh"]["discovery"]
+
+
+@needs_lab
+def test_hosts_find_each_other_replicate_and_talk_with_mdns_alone(lan):
+    nodes = lan(4)
+    wait_converged(nodes, timeout=20)
+    for d in nodes:
+        st = discovery_stats(d)
+        assert st["state"] == "on" and st["cluster"] == "default"
+        # Each also heard the three others' announcements itself (some joined it first).
+        eventually(lambda d=d: discovery_stats(d)["counters"].get("found", 0) >= 3,
+                   timeout=15, message="the three other announcements heard")
+        assert all(p["address"].startswith(netlab.SUBNET) for p in d.registry().peers())
+    for i, d in enumerate(nodes):
+        d.registry().register(f"s{i}", f"S{i}", "claude")
+    for d in nodes:
+        eventually(lambda d=d: len(d.registry().list_sessions()) == 4, timeout=15,
+                   message="sessions replicated")
+    nodes[0].memory().set("s0", "plan", {"step": 1})
+    eventually(lambda: nodes[3].memory().get("plan") == {"step": 1}, timeout=15,
+               message="memory replicated")
+    nodes[1].hub().send("s1", "s3", "request", "over the LAN", "hello")
+    nodes[2].hub().broadcast("s2", "to all", "hi")
+    eventually(lambda: sorted(m.subject for m in nodes[3].hub().get_messages("s3"))
+               == ["over the LAN", "to all"], timeout=15, message="direct + broadcast")
+    for i in (0, 1):
+        eventually(lambda i=i: [m.subject for m in nodes[i].hub().get_messages(f"s{i}")]
+                   == ["to all"], timeout=15, message="broadcast everywhere")
+    assert nodes[2].hub().get_messages("s2") == []
+
+
+@needs_lab
+def test_a_cut_host_is_declared_dead_and_rejoins_after_healing(lab, lan):
+    hosts = lab(3)
+    nodes = lan(3, hosts=hosts)
+    wait_converged(nodes, timeout=20)
+    nodes[0].registry().register("s0", "S0", "claude")
+    nodes[2].registry().register("s2", "S2", "gpt")
+    eventually(lambda: len(nodes[1].registry().list_sessions()) == 2, timeout=15)
+    hosts.cut(2)
+    for d in nodes[:2]:
+        eventually(lambda d=d: peer_states(d).get(nodes[2].node_id) == "dead", timeout=20,
+                   message="the cut-off host declared dead")
+    eventually(lambda: set(peer_states(nodes[2]).values()) == {"dead"}, timeout=20,
+               message="the cut-off host seeing the others dead")
+    for i in range(20):
+        nodes[0].memory().set("s0", f"maj-{i}", i)
+    nodes[2].memory().set("s2", "minority", "kept")
+    msg = nodes[0].hub().send("s0", "s2", "request", "across the cut", "x")
+    hosts.heal(2)
+    wait_converged(nodes, timeout=30)
+    eventually(lambda: nodes[2].memory().get("maj-19") == 19, timeout=20,
+               message="the healed host caught up")
+    eventually(lambda: nodes[1].memory().get("minority") == "kept", timeout=20,
+               message="its own writes reached the others")
+    eventually(lambda: [m.subject for m in nodes[2].hub().get_messages("s2")]
+               == ["across the cut"], timeout=20, message="the queued message, once")
+    eventually(lambda: nodes[0].hub().get_message_status(msg.message_id)["state"] == "stored",
+               timeout=20)
+    wait_same_state(nodes)
+
+
+@needs_lab
+def test_two_clusters_on_one_bridge_stay_apart(lan):
+    nodes = lan(4, args_for=lambda i: ["--cluster", "blue" if i % 2 else "green"])
+    green, blue = nodes[0::2], nodes[1::2]
+    for pair in (green, blue):
+        wait_converged(pair, timeout=20)
+    for d in nodes:
+        # Proof that each heard the other cluster's two announcements and turned them down.
+        eventually(lambda d=d: discovery_stats(d)["counters"].get("ignored.cluster", 0) >= 2,
+                   timeout=15, message="the other cluster's announcements ignored")
+    for pair in (green, blue):
+        for d in pair:
+            assert set(peer_states(d)) == {o.node_id for o in pair if o is not d}
+
+
+@needs_lab
+def test_a_restarted_or_reinstalled_daemon_is_found_again(lan, short_tmp):
+    nodes = lan(3)
+    wait_converged(nodes, timeout=20)
+    old_id = nodes[2].node_id
+    nodes[2].restart()                          # SIGTERM: leaves, says goodbye, comes back
+    assert nodes[2].node_id == old_id
+    wait_converged(nodes, timeout=20)
+    # kill -9 and a wiped data directory: a new node id the others never heard of, whose
+    # only way in is its mDNS announcement and its own browsing.
+    nodes[2].kill9()
+    shutil.rmtree(nodes[2].data_dir)
+    nodes[2].start()
+    assert nodes[2].node_id != old_id
+    wait_converged(nodes, timeout=20)
+    for d in nodes[:2]:
+        eventually(lambda d=d: peer_states(d).get(old_id) == "dead", timeout=20,
+                   message="the old identity declared dead")
+
+
+@needs_lab
+@pytest.mark.skipif(shutil.which("dig") is None,
+                    reason="needs dig (Debian package bind9-dnsutils; .ci/run installs it)")
+def test_dig_sees_our_announcement(lab, lan):
+    hosts = lab(2)
+    d = lan(1, hosts=hosts)[0]
+
+    def dig(name: str, rtype: str) -> str:
+        r = subprocess.run(["ip", "netns", "exec", hosts.hosts[1], "dig", "-p", "5353",
+                            f"@{hosts.address(0)}", name, rtype, "+time=1", "+tries=1",
+                            "+noall", "+answer"], capture_output=True, text=True, timeout=10)
+        return r.stdout
+
+    instance = f"{d.node_id}._meshd._tcp.local."
+    # Until its probing is done (about a second) the daemon does not answer for the name.
+    eventually(lambda: instance in dig("_meshd._tcp.local", "PTR").split(), timeout=15,
+               message="our instance in dig's PTR answer")
+    srv = dig(instance, "SRV").split()
+    assert srv[-4:] == ["0", "0", "7747", f"meshd-{d.node_id[:12]}.local."]
+    txt = dig(instance, "TXT")
+    for field in (f'"node={d.node_id}"', '"cluster=default"', '"proto=1"', '"port=7747"'):
+        assert field in txt
+    a = dig(f"meshd-{d.node_id[:12]}.local", "A").split()
+    assert a[-1] == hosts.address(0)
+
+
+@needs_lab
+def test_foreign_and_malformed_announcements_are_ignored(lab, lan):
+    hosts = lab(3)
+    nodes = lan(2, hosts=hosts)
+    wait_converged(nodes, timeout=20)
+    announcer = hosts.popen(2, [sys.executable, str(Path(__file__).parent / "mdns_announcer.py"),
+                                hosts.address(2), f"{netlab.SUBNET}.99"],
+                            stdout=subprocess.PIPE, text=True)
+    line = announcer.stdout.readline() if announcer.stdout else ""
+    assert line, "the foreign announcer did not start"
+    silent = json.loads(line)["silent_node"]
+
+    def ignored_all(d: Daemon) -> bool:
+        c = discovery_stats(d)["counters"]
+        # no-txt, bad-node, not-utf8, port-mismatch, no-port, loopback; old-proto; cluster
+        return (c.get("ignored.malformed", 0) >= 6 and c.get("ignored.protocol", 0) >= 1
+                and c.get("ignored.cluster", 0) >= 1)
+    for d in nodes:
+        eventually(lambda d=d: ignored_all(d), timeout=20,
+                   message=f"every bad announcement counted: {discovery_stats(d)}")
+        # The silent one was well formed: it is knocked at, with backoff ...
+        eventually(lambda d=d: discovery_stats(d)["counters"].get("found", 0) >= 2,
+                   timeout=20, message="the silent announcement taken as a seed")
+    for d in nodes:
+        # ... but never becomes a member; the real cluster is untouched and answering.
+        assert set(peer_states(d)) == {o.node_id for o in nodes if o is not d}
+        assert silent not in peer_states(d)
+        assert d.alive()
+    wait_converged(nodes, timeout=10)
