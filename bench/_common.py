@@ -25,6 +25,8 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
 for _v in ("MESHD_SOCKET", "MESHD_BIND", "MESHD_ADVERTISE", "MESHD_JOIN", "MESHD_DATA_DIR",
            "MESHD_LOG_LEVEL", "MESHD_DURABILITY"):
     ENV.pop(_v, None)
+# No mDNS on this machine's network: only bench_discovery turns it on, inside namespaces.
+ENV["MESHD_DISCOVERY"] = "0"
 
 
 class BenchError(RuntimeError):
