@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import pytest
 
 import netlab
-from conftest import Daemon, eventually, peer_states, wait_converged
+from conftest import Daemon, eventually, peer_states, run_cli, wait_converged
 from meshd.config import Config
 from meshd.errors import InvalidArgument
 from meshd.mesh.discovery import choose_interfaces
@@ -143,6 +143,9 @@ def test_hosts_find_each_other_replicate_and_talk_with_mdns_alone(lan):
         eventually(lambda d=d: discovery_stats(d)["counters"].get("found", 0) >= 3,
                    timeout=15, message="the three other announcements heard")
         assert all(p["address"].startswith(netlab.SUBNET) for p in d.registry().peers())
+    r = run_cli(["--socket", nodes[0].socket, "peers"], env=nodes[0].env())
+    assert r.returncode == 0, r.stderr
+    assert f"mDNS discovery: on {netlab.SUBNET}.10, cluster 'default', 3 peer(s)" in r.stdout
     for i, d in enumerate(nodes):
         d.registry().register(f"s{i}", f"S{i}", "claude")
     for d in nodes:
@@ -225,6 +228,25 @@ def test_a_restarted_or_reinstalled_daemon_is_found_again(lan, short_tmp):
     for d in nodes[:2]:
         eventually(lambda d=d: peer_states(d).get(old_id) == "dead", timeout=20,
                    message="the old identity declared dead")
+
+
+@needs_lab
+def test_interface_choice_decides_where_mdns_runs(lab, lan):
+    """--interface names the address mDNS uses; one this host does not have turns
+    discovery off with the reason, and the daemon goes on serving (and --join works)."""
+    hosts = lab(3)
+    nodes = lan(3, hosts=hosts, args_for=lambda i: [
+        ["--interface", hosts.address(0)],
+        ["--interface", f"{netlab.SUBNET}.200", "--join", f"{hosts.address(0)}:7747"],
+        [],
+    ][i])
+    assert discovery_stats(nodes[0])["interfaces"] == [hosts.address(0)]
+    st = discovery_stats(nodes[1])
+    assert st["state"].startswith("failed"), st
+    wait_converged(nodes, timeout=20)          # node 1 through --join, node 2 by mDNS
+    assert discovery_stats(nodes[1])["counters"] == {}
+    r = run_cli(["--socket", nodes[1].socket, "peers"], env=nodes[1].env())
+    assert "mDNS discovery: failed" in r.stdout, r.stdout
 
 
 @needs_lab

@@ -470,14 +470,29 @@ def peers(c: Ctx, as_json: bool) -> None:
         return
     if not rows:
         click.echo("No peers (this daemon is alone, or runs with --no-mesh).")
-        return
-    click.echo(f"{'NODE':<14}{'ADDRESS':<24}{'STATE':<9}{'INCARNATION':>15}{'CONTACT':>10}"
-               f"{'BEHIND':>8}")
+    else:
+        click.echo(f"{'NODE':<14}{'ADDRESS':<24}{'STATE':<9}{'INCARNATION':>15}"
+                   f"{'CONTACT':>10}{'BEHIND':>8}")
     for p in rows:
         contact = "-" if p["last_contact"] is None else f"{p['last_contact']:.1f}s"
         behind = "?" if p["behind"] is None else str(p["behind"])
         click.echo(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<9}"
                    f"{p['incarnation']:>15}{contact:>10}{behind:>8}")
+    click.echo(_discovery_line((c.registry().node_info().get("mesh") or {}).get("discovery")))
+
+
+def _discovery_line(d: dict[str, Any] | None) -> str:
+    """One line on how this daemon finds peers, so a lonely node says why."""
+    if not d or d.get("state") == "off":
+        return "mDNS discovery: off (peers come from --join and the peers known before)"
+    if d.get("state") != "on":
+        return f"mDNS discovery: {d.get('state')}"
+    counters = d.get("counters", {})
+    ignored = {k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("ignored.")}
+    extra = (", ignored: " + ", ".join(f"{k} {v}" for k, v in sorted(ignored.items()))
+             if ignored else "")
+    return (f"mDNS discovery: on {', '.join(d.get('interfaces', []))}, cluster "
+            f"{d.get('cluster')!r}, {d.get('peers_heard', 0)} peer(s) heard{extra}")
 
 
 def main() -> None:
