@@ -5,6 +5,8 @@ It uses python-zeroconf directly (none of meshd's code), the way another impleme
 or a misconfigured host on the LAN would announce. Usage:
     python mdns_announcer.py INTERFACE_ADDR SILENT_ADDR
 Prints one JSON line {"ready": true, "silent_node": ...} once every service is registered.
+    python mdns_announcer.py goodbye INTERFACE_ADDR NAME PORT ADDR TXT_JSON
+announces NAME briefly and says goodbye for it (TTL 0), then exits.
 """
 
 from __future__ import annotations
@@ -57,5 +59,21 @@ async def main(iface: str, silent: str) -> None:
     await zc.async_close()
 
 
+async def goodbye(iface: str, name: str, port: int, addr: str, props: str) -> None:
+    """Say goodbye (TTL 0) for someone else's service, as a confused or hostile host
+    would: listeners drop it from their caches although its owner is still up."""
+    zc = AsyncZeroconf(interfaces=[iface], ip_version=IPVersion.V4Only)
+    info = AsyncServiceInfo(TYPE, name, port=port, properties=json.loads(props),
+                            server=f"spoof-{port}.local.", parsed_addresses=[addr])
+    await (await zc.async_register_service(info, cooperating_responders=True))
+    await (await zc.async_unregister_service(info))
+    print(json.dumps({"goodbye": name}), flush=True)
+    await zc.async_close()
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    if sys.argv[1] == "goodbye":
+        asyncio.run(goodbye(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5],
+                            sys.argv[6]))
+    else:
+        asyncio.run(main(sys.argv[1], sys.argv[2]))

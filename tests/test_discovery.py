@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -228,6 +229,31 @@ def test_a_restarted_or_reinstalled_daemon_is_found_again(lan, short_tmp):
     for d in nodes[:2]:
         eventually(lambda d=d: peer_states(d).get(old_id) == "dead", timeout=20,
                    message="the old identity declared dead")
+
+
+@needs_lab
+def test_a_vanished_announcement_does_not_drop_a_live_member(lab, lan):
+    """A goodbye for node 0's service (spoofed from another host) makes the others forget
+    the announcement; node 0 still answers probes, so it stays alive: membership decides."""
+    hosts = lab(3)
+    nodes = lan(2, hosts=hosts)
+    wait_converged(nodes, timeout=20)
+    eventually(lambda: discovery_stats(nodes[1])["peers_heard"] == 1, timeout=15)
+    name = wd.instance_name(nodes[0].node_id)
+    props = json.dumps(wd.txt(nodes[0].node_id, "default", 7747, "x", 1))
+    r = subprocess.run(["ip", "netns", "exec", hosts.hosts[2], sys.executable,
+                        str(Path(__file__).parent / "mdns_announcer.py"), "goodbye",
+                        hosts.address(2), name, "7747", hosts.address(0), props],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    eventually(lambda: discovery_stats(nodes[1])["counters"].get("removed", 0) >= 1,
+               timeout=15, message="the goodbye heard")
+    # (node 0 may well be heard again at once: it is still there and still announced.)
+    # Watch for a while (10 probe rounds of the test preset): never suspect, never dead.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert peer_states(nodes[1])[nodes[0].node_id] == "alive"
+        time.sleep(0.1)
 
 
 @needs_lab
