@@ -139,8 +139,9 @@ class Membership:
             m.state_since = self.clock()
             log.info("member %s (%s) is now %s (incarnation %d)", m.node_id[:12], m.address,
                      state.name.lower(), incarnation)
-            if state in (MemberState.DEAD, MemberState.LEFT):
-                self.transport.forget(m.address)
+            if state in (MemberState.DEAD, MemberState.LEFT) and not any(
+                    o.up and o.address == m.address for o in self.members.values()):
+                self.transport.forget(m.address)     # unless a new identity lives there
         self.broadcasts.put(m.update())
         if state != old:
             self.on_change(m, old)

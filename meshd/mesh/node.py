@@ -119,7 +119,9 @@ class Mesh:
         """Knock on a few members declared dead. A SYNC carries our member table, so one
         that is back refutes its death and both sides catch up; one still gone costs a
         single queued frame (its old queue is dropped first, so nothing piles up)."""
-        dead = [m for m in self.membership.members.values() if m.state == MemberState.DEAD]
+        members = self.membership.members.values()
+        taken = {m.address for m in members if m.up}   # reused by a new identity: not ours
+        dead = [m for m in members if m.state == MemberState.DEAD and m.address not in taken]
         for m in random.sample(dead, min(len(dead), self.config.reconnect_max)):
             self.transport.forget(m.address)
             self.replicator.send_sync(m.address, reply=True)
