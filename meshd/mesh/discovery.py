@@ -28,6 +28,11 @@ from meshd.wire.peer import PEER_PROTOCOL_VERSION, parse_address
 
 log = logging.getLogger("meshd.discovery")
 
+#: Bounds against a flood of announcements (a hostile or broken host): names being
+#: resolved at once, and peers of our cluster remembered (so joined with backoff).
+MAX_RESOLVING = 64
+MAX_PEERS_HEARD = 1024
+
 OnFound = Callable[[str, list[str]], None]      # (node id, ["ip:port", ...])
 OnGone = Callable[[list[str]], None]
 
@@ -76,6 +81,7 @@ class Discovery:
         self._info: Any = None
         self._names: dict[str, list[str]] = {}  # service name -> the addresses it gave
         self._tasks: set[asyncio.Task[None]] = set()
+        self._resolving: set[str] = set()
         self._started = 0.0
 
     async def start(self) -> None:
@@ -170,11 +176,24 @@ class Discovery:
                 self.on_gone(gone)
             return
         self.counters["heard"] += 1
+        if name in self._resolving:
+            return
+        if len(self._resolving) >= MAX_RESOLVING or (
+                name not in self._names and len(self._names) >= MAX_PEERS_HEARD):
+            self.counters["dropped.too_many"] += 1      # a flood of announcements
+            return
+        self._resolving.add(name)
         self._spawn(self._resolve(name))
 
     async def _resolve(self, name: str) -> None:
         """Fetch SRV/TXT/A for one name (usually already cached from the announcement),
         retrying with backoff a few times when a responder is slow or silent."""
+        try:
+            await self._resolve_once(name)
+        finally:
+            self._resolving.discard(name)
+
+    async def _resolve_once(self, name: str) -> None:
         from zeroconf.asyncio import AsyncServiceInfo
 
         delay = 0.5
