@@ -283,6 +283,9 @@ class IPCServer:
             for out in encode_batch_replies(frames, self.config.max_frame_bytes):
                 self._send(ident, out)
         if journaled:
+            # Once answered, and before the fold thread competes for the interpreter:
+            # sends to other daemons go out now, from the journaled records.
+            self.store.journaled(True)
             self._schedule_flush()
         elif store_work:
             self.streams.publish(self.store.take_events())
@@ -320,7 +323,10 @@ class IPCServer:
             self.counters[f"ok.{command}"] += 1
         try:
             self.store.journal.append(records)
-        except OSError as exc:
+        except BaseException as exc:
+            self.store.journaled(False)      # their routed items must never go out
+            if not isinstance(exc, OSError):
+                raise
             if records:
                 del self.store.pending[-len(records):]
             log.error("journal append failed, %d write(s) not applied: %s", len(records), exc)

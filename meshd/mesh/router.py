@@ -4,13 +4,18 @@ A message for a session hosted elsewhere (or a broadcast, once per other daemon 
 sessions) is queued in the sender daemon's outbox in the same transaction that stores it,
 so once the sender is answered the message cannot be lost: not on kill -9, not while the
 destination is down or cut off. Per destination and lane (high priority, normal) the
-router keeps one ROUTE frame in flight: a run of items from the oldest unacknowledged
-one. The destination applies them strictly in sequence, each exactly once (it remembers
-the last sequence number it applied per origin and lane, in the same transaction as the
-messages), and answers ROUTE_ACK with that number; acknowledged items leave the outbox
-and their messages read as stored there. A frame that gets no answer is sent again after
-`route_retry`, doubling up to `route_retry_max`; a destination that is down is not tried
-until membership sees it back. Items older than `outbox_max_age`, or beyond `outbox_max`
+router sends items as soon as they are committed, without waiting for the previous
+frame's answer (up to a window of frames and items in flight): the fold hands it the
+committed items (`Store.take_routed`), so the hot path never reads them back from SQLite.
+Every frame says which item is the oldest not yet acknowledged (`first`), so a lost frame
+shows up as a gap at the destination. The destination applies items strictly in
+sequence, each exactly once (it remembers the last sequence number it applied per origin
+and lane, in the same transaction as the messages), and answers ROUTE_ACK with that
+number; acknowledged items leave the outbox (in one transaction per burst of acks) and
+their messages read as stored there. When the answers stop moving forward for
+`route_retry` (doubling up to `route_retry_max`), or an answer shows a gap, the run is
+sent again from the outbox in SQLite, the durable copy; a destination that is down is
+not tried until membership sees it back. Items older than `outbox_max_age`, or beyond `outbox_max`
 per destination, expire: they are reported (logged, counted, and their state reads
 expired), never silently dropped.
 
@@ -23,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from meshd.config import Config
@@ -35,6 +41,31 @@ from meshd.wire.peer import FrameType, encode
 
 log = logging.getLogger("meshd.mesh")
 
+#: Frames sent to one destination and lane whose answer is still awaited, at most. Well
+#: below the transport's per-peer queue (256), so routing alone never fills it.
+WINDOW_FRAMES = 32
+#: Items sent and not yet acknowledged per destination and lane, at most.
+WINDOW_ITEMS = 4096
+#: Committed items kept in memory per destination and lane for sending; beyond this
+#: (a destination that is down or slow) they are read back from the outbox.
+CACHE_ITEMS = 8192
+
+_NEVER = float("inf")
+
+
+@dataclass(slots=True)
+class _Queue:
+    """What the router knows of one (destination, lane) outbox queue."""
+
+    first: int           # oldest seq not known to be acknowledged: frames carry it
+    sent: int            # highest seq sent since the run (re)started
+    last: int            # highest seq known committed
+    backoff: float
+    resend_at: float = _NEVER    # no progress by then: send again from the outbox
+    frames: int = 0              # frames sent whose answer is awaited (approximately)
+    gap_resent: bool = False     # a gap answer already caused a resend, no progress since
+    cache: dict[int, list[Any]] = field(default_factory=dict)   # seq -> committed item
+
 
 class Router:
     def __init__(self, config: Config, store: Store, membership: Membership,
@@ -46,10 +77,13 @@ class Router:
         self.counters: Counter[str] = Counter()
         #: Told when routed messages landed in local inboxes (live streams push them).
         self.on_delivered: Callable[[], None] = lambda: None
-        # (dest, lane) -> (through seq sent, resend at, current backoff)
-        self._inflight: dict[tuple[str, int], tuple[int, float, float]] = {}
+        self._queues: dict[tuple[str, int], _Queue] = {}
         self._scheduled = False
+        self._full_scheduled = False
+        self._acks: dict[tuple[str, int], int] = {}       # acknowledged, not yet recorded
+        self._acks_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
+        store.enable_routing(self._send_new)   # journaled sends come to us at once
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,6 +98,8 @@ class Router:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks = []
+        if self._acks:
+            self._record_acks()
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -71,13 +107,23 @@ class Router:
         """New items may be queued: send soon (coalesced)."""
         if not self._scheduled:
             self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._fast_pump)
+
+    def _schedule_full(self) -> None:
+        if not self._full_scheduled:
+            self._full_scheduled = True
             asyncio.get_running_loop().call_soon(self.pump)
 
     def member_up(self, node_id: str) -> None:
-        """A destination came back: send what waits for it now, not at the next retry."""
-        for key in [k for k in self._inflight if k[0] == node_id]:
-            del self._inflight[key]
-        self.committed()
+        """A destination came back: send what waits for it again from the oldest item not
+        acknowledged, now rather than at the next retry. (The queue is kept, not
+        forgotten: items journaled and not yet folded are in no other place that says
+        where the run starts.)"""
+        for key, q in self._queues.items():
+            if key[0] == node_id:
+                q.sent, q.frames, q.resend_at = q.first - 1, 0, _NEVER
+                q.backoff, q.gap_resent = self.config.route_retry, False
+        self._schedule_full()
 
     async def _tick_loop(self) -> None:
         while True:
@@ -87,66 +133,173 @@ class Router:
             except Exception:                        # pragma: no cover - keep routing
                 log.exception("routing round failed")
 
-    def pump(self) -> None:
+    def _take_committed(self) -> set[tuple[str, int]]:
+        """Move the items queued since last time (journaled or committed) into the
+        queues' caches; the keys that got new items. A queue not known yet starts at its
+        oldest item in SQLite, or at this item (every item queued since the router
+        started came through here, in seq order)."""
+        touched: set[tuple[str, int]] = set()
+        for dest, lane, item in sorted(self.store.take_routed(),
+                                       key=lambda r: (r[0], r[1], r[2][0])):
+            key = (dest, lane)
+            seq = item[0]
+            q = self._queues.get(key)
+            if q is None:
+                with self.store.read(fold=False):
+                    oldest = messages.outbox_first(self.store, dest, lane)
+                first = seq if oldest is None else min(oldest, seq)
+                q = self._queues[key] = _Queue(first, first - 1, seq, self.config.route_retry)
+            if seq > q.last:
+                q.last = seq
+            if seq > q.sent and len(q.cache) < CACHE_ITEMS:
+                q.cache[seq] = item
+            touched.add(key)
+        return touched
+
+    def _fast_pump(self) -> None:
         self._scheduled = False
+        self._send_new()
+
+    def _send_new(self) -> None:
+        """After a commit, an ack, or sends just journaled: send what is new, from memory,
+        to queues in order (high-priority lanes first)."""
+        for key in sorted(self._take_committed(), key=lambda k: k[1]):
+            q = self._queues.get(key)
+            m = self.membership.members.get(key[0])
+            if q is not None and m is not None and m.up:
+                self._send_more(key, q, m.address)
+
+    def pump(self) -> None:
+        """Look at every outbox queue in SQLite: start queues not known yet, resend runs
+        that got no answer in time, and send what the fast path could not."""
+        self._full_scheduled = False
+        self._take_committed()
         now = time.monotonic()
         with self.store.read(fold=False):
             queues = messages.outbox_destinations(self.store)
-        for dest, lane, _count, first, _oldest in queues:
+        for dest, lane, _count, first, last, _oldest in queues:
             m = self.membership.members.get(dest)
             if m is None or not m.up:
                 continue                              # waits in the outbox for its return
             key = (dest, lane)
-            inflight = self._inflight.get(key)
-            if inflight is not None and now < inflight[1]:
-                continue                              # an answer is still awaited
-            backoff = self.config.route_retry if inflight is None else inflight[2]
-            frame, through = self._frame(dest, lane, first)
-            if frame is None:
-                continue
-            if inflight is not None:
+            q = self._queues.get(key)
+            if q is None:
+                q = self._queues[key] = _Queue(first, first - 1, last, self.config.route_retry)
+            elif now >= q.resend_at:
                 self.counters["resends"] += 1
-            self.transport.send_frame(m.address, frame)
-            self.counters["route_frames"] += 1
-            self._inflight[key] = (through, now + backoff,
-                                   min(backoff * 2, self.config.route_retry_max))
+                q.backoff = min(q.backoff * 2, self.config.route_retry_max)
+                q.first, q.sent, q.frames, q.resend_at = first, first - 1, 0, _NEVER
+            q.last = max(q.last, last)
+            if first > q.first:                       # acknowledged or expired meanwhile
+                q.first = first
+                q.sent = max(q.sent, first - 1)
+            self._send_more(key, q, m.address)
 
-    def _frame(self, dest: str, lane: int, first: int) -> tuple[bytes | None, int]:
-        limit = self.config.route_batch
-        while True:
-            with self.store.read(fold=False):
-                items = messages.outbox_items(self.store, dest, lane, first - 1, limit)
+    def _send_more(self, key: tuple[str, int], q: _Queue, address: str) -> None:
+        """Send the committed items above `q.sent`, a frame at a time, within the window."""
+        dest, lane = key
+        while (q.sent < q.last and q.frames < WINDOW_FRAMES
+               and q.sent - q.first < WINDOW_ITEMS):
+            items = self._next_items(dest, lane, q)
             if not items:
-                return None, 0
+                q.last = q.sent                       # nothing above it is committed
+                return
+            frame, items = self._frame(dest, lane, q.first, items)
+            if frame is None:
+                return
+            if not self.transport.send_frame(address, frame):
+                return                                # dropped (queue full): the timer resends
+            self.counters["route_frames"] += 1
+            q.sent = items[-1][0]
+            q.frames += 1
+            if q.resend_at == _NEVER:
+                q.resend_at = time.monotonic() + q.backoff
+
+    def _next_items(self, dest: str, lane: int, q: _Queue) -> list[list[Any]]:
+        """Up to `route_batch` items above `q.sent`: from the cache while it has them in
+        sequence, else from the outbox (committed items only)."""
+        limit = self.config.route_batch
+        cache = q.cache
+        items: list[list[Any]] = []
+        seq = q.sent + 1
+        while len(items) < limit:
+            item = cache.get(seq)
+            if item is None:
+                break
+            items.append(item)
+            seq += 1
+        if items:
+            return items
+        with self.store.read(fold=False):
+            return messages.outbox_items(self.store, dest, lane, q.sent, limit)
+
+    def _frame(self, dest: str, lane: int, first: int, items: list[list[Any]]
+               ) -> tuple[bytes | None, list[list[Any]]]:
+        """The ROUTE frame for a prefix of `items` that fits the frame size limit."""
+        while True:
             try:
                 frame = encode(FrameType.ROUTE, self.store.node_id, self.transport.address,
                                {"lane": lane, "first": first, "items": items})
             except MeshError as exc:
                 self.counters["dropped.unencodable"] += 1
                 log.warning("cannot encode routed items for %s: %s", dest[:12], exc)
-                return None, 0
-            if len(frame) <= self.config.max_frame_bytes - 1024 or limit == 1:
-                return frame, items[-1][0]
-            limit = max(1, limit // 2)
+                return None, items
+            if len(frame) <= self.config.max_frame_bytes - 1024 or len(items) == 1:
+                return frame, items
+            items = items[:max(1, len(items) // 2)]
 
     def on_ack(self, sender: str, body: dict[str, Any]) -> None:
         lane, through = body["lane"], body["through"]
-        try:
-            with self.store.write():
-                n = messages.outbox_acked(self.store, sender, lane, through)
-        except MeshError as exc:
-            log.warning("recording an acknowledgement from %s failed: %s", sender[:12], exc)
-            return
-        self.counters["acked_items"] += n
         key = (sender, lane)
-        inflight = self._inflight.get(key)
-        if inflight is not None and through >= inflight[0]:
-            del self._inflight[key]                   # answered: the next run may go
-            self.committed()
-        elif inflight is not None and n:
-            # Partly applied (a gap at the receiver): resend the rest now.
-            self._inflight[key] = (inflight[0], 0.0, self.config.route_retry)
-            self.committed()
+        if through > self._acks.get(key, 0):
+            self._acks[key] = through
+            if not self._acks_scheduled:
+                self._acks_scheduled = True
+                asyncio.get_running_loop().call_soon(self._record_acks)
+        q = self._queues.get(key)
+        if q is None:
+            return
+        q.frames = max(0, q.frames - 1)
+        if through >= q.first:                        # progress
+            cache = q.cache
+            if through - q.first < 2 * len(cache) + 64:
+                for seq in range(q.first, through + 1):
+                    cache.pop(seq, None)
+            else:
+                q.cache = {s: it for s, it in cache.items() if s > through}
+            q.first = through + 1
+            q.sent = max(q.sent, through)
+            q.last = max(q.last, through)
+            q.gap_resent = False
+            q.backoff = self.config.route_retry
+            q.resend_at = (_NEVER if q.sent <= through
+                           else time.monotonic() + self.config.route_retry)
+            if q.sent < q.last:
+                self.committed()                      # the window has room again
+        elif through == q.first - 1 and through < q.sent and not q.gap_resent:
+            # Nothing new applied while items are out: a gap at the destination (a frame
+            # was lost). Send the run again from the outbox now, once until progress.
+            q.gap_resent = True
+            q.resend_at = 0.0
+            self._schedule_full()
+
+    def _record_acks(self) -> None:
+        """Acknowledged items leave the outbox: a burst of acks at once, with the next
+        fold when one is due (the items may not be folded yet), else in a transaction."""
+        self._acks_scheduled = False
+        acks, self._acks = self._acks, {}
+        try:
+            self.store.ack_routed([(dest, lane, through) for (dest, lane), through in acks.items()])
+        except MeshError as exc:
+            log.warning("recording acknowledgements failed (retried): %s", exc)
+            for key, through in acks.items():
+                if through > self._acks.get(key, 0):
+                    self._acks[key] = through
+            if self._tasks and not self._acks_scheduled:
+                self._acks_scheduled = True
+                asyncio.get_running_loop().call_later(self.config.route_retry,
+                                                      self._record_acks)
+            return
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -158,7 +311,7 @@ class Router:
             self.counters["dropped.forged_origin"] += 1
             return
         try:
-            with self.store.write():
+            with self.store.write(keeps_routes=True):       # (changes no session)
                 through, unknown = messages.deliver_routed(self.store, sender, lane, first,
                                                            items)
         except MeshError as exc:
@@ -168,8 +321,9 @@ class Router:
         self.counters["routed_in"] += len(items)
         if unknown:
             self.counters["dropped.unknown_session"] += unknown
-        self.transport.send(reply_to, FrameType.ROUTE_ACK, {"lane": lane, "through": through})
+        # Committed, so durable: live subscribers first (they wait), then the sender.
         self.on_delivered()
+        self.transport.send(reply_to, FrameType.ROUTE_ACK, {"lane": lane, "through": through})
 
     # --- expiry -------------------------------------------------------------------------------
 
@@ -182,9 +336,16 @@ class Router:
                 log.warning("outbox expiry failed: %s", exc)
 
     def expire(self) -> int:
-        with self.store.write():
+        # (The write folds every journaled send first: forgetting a queue below forgets
+        # nothing that is not in the outbox.)
+        with self.store.write(keeps_routes=True):
             gone = messages.expire_outbox(self.store, int(self.config.outbox_max_age * 1000),
                                           self.config.outbox_max)
+        for dest in {d for _, d in gone}:
+            # What is cached or in flight for it may include expired items: start over
+            # from the outbox.
+            for key in [k for k in self._queues if k[0] == dest]:
+                del self._queues[key]
         for mid, dest in gone:
             log.warning("message %s to node %s expired in the outbox (undelivered)", mid,
                         dest[:12])
@@ -194,6 +355,6 @@ class Router:
     def stats(self) -> dict[str, Any]:
         with self.store.read(fold=False):
             queues = messages.outbox_destinations(self.store)
-        return {"counters": dict(self.counters),
+        return {"counters": {**self.counters, "acked_items": self.store.route_acked},
                 "outbox": [{"node": d, "lane": "high" if lane == 0 else "normal",
-                            "items": n} for d, lane, n, _, _ in queues]}
+                            "items": n} for d, lane, n, *_ in queues]}

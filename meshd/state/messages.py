@@ -16,7 +16,7 @@ from meshd.state import sessions
 from meshd.wire.schema import MessageType
 
 if TYPE_CHECKING:
-    from meshd.state.store import Store
+    from meshd.state.store import Routed, Store
 
 _COLS = ("m.message_id, m.type, m.from_session, m.to_session, m.subject, m.body, m.data, "
          "m.timestamp, m.in_reply_to, m.priority")
@@ -56,28 +56,102 @@ def check_recipient(store: "Store", m: dict[str, Any]) -> None:
         raise NotFound(f"unknown session: {m['to_session']}")
 
 
+def plan(store: "Store", a: dict[str, Any], hlc: int) -> list[Routed]:
+    """Daemon, loop thread, when a send is journaled: decide now which daemons the message
+    goes to and give it its outbox seq per destination (kept in `a["_routes"]`, so the
+    fold queues exactly these), so the router can send it before the fold. The answer is
+    the routed items, to hand to the router once the journal holds the send.
+
+    Deciding here gives what the fold would decide: the sessions table only changes in
+    `Store.write`, which folds every journaled send first and empties the host cache."""
+    m = a["message"]
+    hosts = _remote_hosts(store, m["to_session"])
+    priority = m.get("priority", "normal")
+    lane = LANES.get(priority, 1)
+    routes: list[list[Any]] = []
+    out: list[Routed] = []
+    if hosts:
+        payload = _routed_payload(m, store.node_id, hlc, priority)
+        for host in hosts:
+            seq = next_seq(store, host, lane)
+            routes.append([host, lane, seq])
+            out.append((host, lane, [seq, "msg", payload]))
+    a["_routes"] = routes
+    return out
+
+
+def _remote_hosts(store: "Store", to_session: str | None) -> tuple[str, ...]:
+    """The other daemons hosting `to_session` (None: any session), from SQLite through a
+    cache that every `Store.write` empties (see `Store.route_hosts`)."""
+    cache = store.route_hosts
+    if cache is None:
+        cache = store.route_hosts = {}
+    hosts = cache.get(to_session)
+    if hosts is None:
+        me = store.node_id
+        with store.lock:
+            if to_session is not None:
+                row = store.conn.execute(
+                    "SELECT host FROM sessions WHERE session_id = ? AND deleted = 0",
+                    (to_session,)).fetchone()
+                hosts = (row[0],) if row is not None and row[0] != me else ()
+            else:
+                hosts = tuple(r[0] for r in store.conn.execute(
+                    "SELECT DISTINCT host FROM sessions WHERE deleted = 0 AND host != ?", (me,)))
+        cache[to_session] = hosts
+    return hosts
+
+
 def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str, Any]:
     """Store a message, put it in the inboxes of its local recipients (every local session
-    but the sender for a broadcast) and queue it for the daemons hosting the others. A
-    direct message to an unknown session is an error. The answer is the id, how many
-    local inboxes got it and how many daemons it was queued for (0, 0 for a retry)."""
+    but the sender for a broadcast) and queue it for the daemons hosting the others (as
+    `plan` decided when it was journaled, if it was). A direct message to an unknown
+    session is an error. The answer is the id, how many local inboxes got it and how many
+    daemons it was queued for (0, 0 for a retry)."""
     m = a["message"]
     check_recipient(store, m)
     hlc = store.hlc.now() if hlc is None else hlc
     priority = m.get("priority", "normal")
+    planned = a.get("_routes")
     cur = _insert(store, m, store.node_id, hlc, priority)
+    now_ms = int(store.now() * 1000)
     if cur.rowcount == 0:                           # a retry: already stored and delivered
+        for host, lane, seq in planned or ():
+            # Its seqs may be on the wire already: queue them (the destination ignores a
+            # message id it has), so that no seq is ever missing from the outbox.
+            enqueue(store, host, lane, "msg", m["message_id"], now_ms, seq)
         return {"message_id": m["message_id"], "delivered": 0, "queued": 0}
     store.events.append((None, int(cur.lastrowid or 0), m))
-    local, remote = _route(store, m)
+    if planned is None:
+        local, hosts = _route(store, m)
+        lane = LANES.get(priority, 1)
+        remote: list[Any] = [(h, lane, None) for h in hosts]
+    else:
+        remote = planned
+        if m["to_session"] is not None:
+            local = [] if planned else [m["to_session"]]
+        else:
+            local = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
     for sid in local:
         _to_inbox(store, sid, m)
-    now_ms = int(store.now() * 1000)
-    for host in remote:
-        enqueue(store, host, LANES.get(priority, 1), "msg", m["message_id"], now_ms)
+    payload = None
+    for host, lane, planned_seq in remote:
+        seq = enqueue(store, host, lane, "msg", m["message_id"], now_ms, planned_seq)
         store.conn.execute("INSERT OR REPLACE INTO receipts VALUES (?, ?, 'queued', ?)",
                            (m["message_id"], host, now_ms))
+        if planned_seq is None and store.routed is not None:   # (planned: router has it)
+            if payload is None:
+                payload = _routed_payload(m, store.node_id, hlc, priority)
+            store.routed.append((host, lane, [seq, "msg", payload]))
     return {"message_id": m["message_id"], "delivered": len(local), "queued": len(remote)}
+
+
+def _routed_payload(m: dict[str, Any], origin: str, hlc: int, priority: str) -> dict[str, Any]:
+    """A message as `outbox_items` reads it back for routing (same fields, same values)."""
+    return {"message_id": m["message_id"], "type": m["type"], "from_session": m["from_session"],
+            "to_session": m["to_session"], "subject": m["subject"], "body": m["body"],
+            "data": m["data"], "timestamp": m["timestamp"], "in_reply_to": m["in_reply_to"],
+            "priority": priority, "origin": origin, "hlc": hlc}
 
 
 def _insert(store: "Store", m: dict[str, Any], origin: str, hlc: int, priority: str) -> Any:
@@ -158,26 +232,63 @@ def mark_read(store: "Store", a: dict[str, Any]) -> int:
     for mid, origin in store.conn.execute(
             f"SELECT message_id, origin FROM messages WHERE message_id IN ({marks}) "
             f"AND origin != ?", (*ids, store.node_id)).fetchall():
-        enqueue(store, origin, LANES["normal"], "read", mid, now_ms)
+        seq = enqueue(store, origin, LANES["normal"], "read", mid, now_ms)
+        if store.routed is not None:
+            store.routed.append((origin, LANES["normal"], [seq, "read", mid]))
     return len(ids)
 
 
 # --- routing: the outbox (sender's side) and in-order delivery (receiver's side) ---------------
 
+def next_seq(store: "Store", dest: str, lane: int) -> int:
+    """The next outbox seq for (dest, lane), from the counters in memory (daemon with a
+    router: seqs are given when sends are journaled, before their fold). Loop thread
+    only; a counter is read from `outbox_heads` the first time, when every seq given
+    before is committed (journaled sends are folded before the daemon serves)."""
+    seqs = store.outbox_seqs
+    assert seqs is not None
+    key = (dest, lane)
+    last = seqs.get(key)
+    if last is None:
+        with store.lock:
+            row = store.conn.execute("SELECT last FROM outbox_heads WHERE dest = ? AND lane = ?",
+                                     key).fetchone()
+        last = int(row[0]) if row else 0
+    seqs[key] = last + 1
+    return last + 1
+
+
 def enqueue(store: "Store", dest: str, lane: int, kind: str, message_id: str,
-            now_ms: int) -> int:
-    seq = int(store.conn.execute(
-        "INSERT INTO outbox_heads VALUES (?, ?, 1) ON CONFLICT (dest, lane) "
-        "DO UPDATE SET last = last + 1 RETURNING last", (dest, lane)).fetchone()[0])
-    store.conn.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?)",
+            now_ms: int, seq: int | None = None) -> int:
+    """Queue an item for `dest` with the seq given (planned), or the next one."""
+    if seq is None and store.outbox_seqs is not None:
+        seq = next_seq(store, dest, lane)
+    if seq is None:
+        seq = int(store.conn.execute(
+            "INSERT INTO outbox_heads VALUES (?, ?, 1) ON CONFLICT (dest, lane) "
+            "DO UPDATE SET last = last + 1 RETURNING last", (dest, lane)).fetchone()[0])
+    else:
+        store.conn.execute("INSERT INTO outbox_heads VALUES (?, ?, ?) ON CONFLICT (dest, lane) "
+                           "DO UPDATE SET last = MAX(last, excluded.last)", (dest, lane, seq))
+    # OR IGNORE: folding a journaled send twice (a crash before its segment was emptied).
+    store.conn.execute("INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?, ?, ?)",
                        (dest, lane, seq, kind, message_id, now_ms))
     return seq
 
 
-def outbox_destinations(store: "Store") -> list[tuple[str, int, int, int, int]]:
-    """(dest, lane, items, first seq, oldest queued_ms) for every non-empty queue."""
+def outbox_destinations(store: "Store") -> list[tuple[str, int, int, int, int, int]]:
+    """(dest, lane, items, first seq, last seq, oldest queued_ms) for every non-empty
+    queue, high-priority lanes first."""
     return [tuple(r) for r in store.conn.execute(  # type: ignore[misc]
-        "SELECT dest, lane, COUNT(*), MIN(seq), MIN(queued_ms) FROM outbox GROUP BY dest, lane")]
+        "SELECT dest, lane, COUNT(*), MIN(seq), MAX(seq), MIN(queued_ms) FROM outbox "
+        "GROUP BY dest, lane ORDER BY lane, dest")]
+
+
+def outbox_first(store: "Store", dest: str, lane: int) -> int | None:
+    """The oldest committed seq queued for (dest, lane), None when none is."""
+    row = store.conn.execute("SELECT MIN(seq) FROM outbox WHERE dest = ? AND lane = ?",
+                             (dest, lane)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def outbox_items(store: "Store", dest: str, lane: int, after: int, limit: int

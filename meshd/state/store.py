@@ -30,8 +30,15 @@ from meshd.state.journal import Journal
 #: they are validated and checked, so folding them later gives the same answer.
 JOURNALED = frozenset({"memory.set", "message.send"})
 
+#: A record in `pending` that is not journaled: outbox acks to apply with the next fold.
+ROUTE_ACKED = "route.acked"
+
 #: A stream event produced by a write: (session_id or None for the node-wide log, seq, message)
 Event = tuple[str | None, int, dict[str, Any]]
+
+#: An outbox item a write committed: (destination node, lane, [seq, kind, payload]), so
+#: the router can send it without reading it back from SQLite.
+Routed = tuple[str, int, list[Any]]
 
 
 class Store:
@@ -65,6 +72,17 @@ class Store:
         self.hlc = HLC(0, wall)
         self.version = 0
         self.events: list[Event] = []
+        # Outbox items of committed writes, for the router (None: nobody routes, keep none).
+        self.routed: list[Routed] | None = None
+        # With a router (`enable_routing`): the outbox seq counters, the host cache
+        # (session id, or None for "any", -> the other daemons hosting it; every write
+        # empties it), the items of sends being journaled, and those journaled (loop only).
+        self.outbox_seqs: dict[tuple[str, int], int] | None = None
+        self.route_hosts: dict[str | None, tuple[str, ...]] | None = None
+        self.staged: list[Routed] = []
+        self.journaled_routes: list[Routed] = []
+        self.on_routed: Callable[[], None] = lambda: None
+        self.route_acked = 0            # outbox items acknowledged (and deleted)
         self._in_tx = False
         self._loaded = False
         self._persisted = (0, 0)       # the counters as last committed to meta
@@ -121,6 +139,23 @@ class Store:
         self.journal.clear()
         return len(recovered)
 
+    def enable_routing(self, on_routed: Callable[[], None]) -> None:
+        """A router sends this node's outbox: keep it the items of committed writes, and
+        give journaled sends their outbox seqs at once (see `messages.plan`), telling
+        `on_routed` when they are journaled."""
+        self.routed = []
+        self.outbox_seqs = {}
+        self.on_routed = on_routed
+
+    def journaled(self, ok: bool) -> None:
+        """The IPC server appended the logged writes to the journal (or failed to): their
+        routed items may go out now (or never: their seqs stay unused, a gap the router
+        and the destination skip)."""
+        staged, self.staged = self.staged, []
+        if ok and staged:
+            self.journaled_routes.extend(staged)
+            self.on_routed()
+
     def log_write(self, command: str, args: dict[str, Any]) -> list[Any]:
         """Check and stamp a validated journaled write (see JOURNALED), queue it, and return
         its journal record. The caller appends the records of a batch and only then
@@ -133,6 +168,12 @@ class Store:
                     messages.check_recipient(self, args["message"])
                 self.live_sessions.add(to)
             rec = [command, args, 0, self.hlc.now()]     # messages carry no version
+            if self.outbox_seqs is not None:
+                from meshd.state import messages
+                try:
+                    self.staged.extend(messages.plan(self, args, rec[3]))
+                except sqlite3.Error as exc:
+                    raise StoreError(f"database error: {exc}") from exc
         else:
             version, hlc = self.stamp()
             rec = [command, args, version, hlc]
@@ -223,7 +264,7 @@ class Store:
         (records carry their stamps), and its events are dropped if it rolls back."""
         from meshd.state import memory, messages
         with self._events_lock:
-            mark = len(self.events)
+            mark, rmark = len(self.events), self._routed_mark()
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -231,12 +272,16 @@ class Store:
             self._in_tx = True
             try:
                 sets: list[tuple[dict[str, Any], int, int]] = []
+                acked = 0
                 for command, args, version, hlc in records:
                     if command == "message.send":
                         if sets:                    # keep the order of sets and sends
                             memory.set_entries(self, sets)
                             sets = []
                         messages.send(self, args, hlc=hlc)
+                    elif command == ROUTE_ACKED:
+                        for dest, lane, through in args:
+                            acked += messages.outbox_acked(self, dest, lane, through)
                     else:
                         sets.append((args, version, hlc))
                 if sets:
@@ -244,12 +289,14 @@ class Store:
                 if (self.version, self.hlc.last) != self._persisted:
                     self._save_counters()
                 self.conn.execute("COMMIT")
+                self.route_acked += acked
             except BaseException as exc:
                 try:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
                 del self.events[mark:]
+                self._drop_routed(rmark)
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(f"database error: {exc}") from exc
                 raise
@@ -258,13 +305,32 @@ class Store:
 
     # --- transactions ----------------------------------------------------------------------
 
+    def ack_routed(self, acks: list[tuple[str, int, int]]) -> None:
+        """Destinations applied outbox items through these seqs ([(dest, lane, through)]):
+        delete them. While journaled writes wait for the fold, the acks go with the next
+        fold, after those writes (they may be what is acknowledged); otherwise now. Not
+        journaled: an ack lost in a crash only makes the item go again, and the
+        destination drops what it has."""
+        if self.unfolded and self.journal is not None:
+            self.pending.append([ROUTE_ACKED, acks, 0, 0])
+            return
+        from meshd.state import messages
+        n = 0
+        with self.write(keeps_routes=True):
+            for dest, lane, through in acks:
+                n += messages.outbox_acked(self, dest, lane, through)
+        self.route_acked += n
+
     @contextmanager
-    def write(self) -> Iterator[None]:
-        """One write transaction; commits on success, rolls back (counters too) on error."""
+    def write(self, keeps_routes: bool = False) -> Iterator[None]:
+        """One write transaction; commits on success, rolls back (counters too) on error.
+        `keeps_routes`: the caller changes no session, so the host cache stays."""
         with self.lock:
             if self._in_tx:
                 yield
                 return
+            if not keeps_routes:
+                self.route_hosts = None
             if self.unfolded:
                 self.flush()
             try:
@@ -272,7 +338,7 @@ class Store:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot begin a transaction: {exc}") from exc
             self._in_tx = True
-            saved = (self.version, self.hlc.last, len(self.events))
+            saved = (self.version, self.hlc.last, len(self.events), self._routed_mark())
             saved_persisted = self._persisted
             try:
                 if self.shared or not self._loaded:
@@ -291,6 +357,8 @@ class Store:
                 raise
             finally:
                 self._in_tx = False
+                if not keeps_routes:
+                    self.route_hosts = None
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         """A small node-local setting (not replicated), e.g. the last known peers."""
@@ -311,18 +379,28 @@ class Store:
     def forget_sessions(self) -> None:
         self.live_sessions.clear()
 
-    def _rollback(self, saved: tuple[int, int, int]) -> None:
+    def _rollback(self, saved: tuple[int, int, int, int]) -> None:
         try:
             self.conn.execute("ROLLBACK")
         except sqlite3.Error:
             pass
         self.version, self.hlc.last = saved[0], max(self.hlc.last, saved[1])
         del self.events[saved[2]:]
+        self._drop_routed(saved[3])
+
+    def _routed_mark(self) -> int:
+        return len(self.routed) if self.routed is not None else 0
+
+    def _drop_routed(self, mark: int) -> None:
+        """Forget the outbox items of a rolled-back write: their seqs will be given again,
+        and an item that was never committed must never be sent."""
+        if self.routed is not None:
+            del self.routed[mark:]
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """Inside write(): undo only this block when it raises."""
-        saved = (self.version, self.hlc.last, len(self.events))
+        saved = (self.version, self.hlc.last, len(self.events), self._routed_mark())
         self.conn.execute("SAVEPOINT req")
         try:
             yield
@@ -331,6 +409,7 @@ class Store:
             self.conn.execute("RELEASE req")
             self.version = saved[0]
             del self.events[saved[2]:]
+            self._drop_routed(saved[3])
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"database error: {exc}") from exc
             raise
@@ -377,6 +456,20 @@ class Store:
         finally:
             self._events_lock.release()
         return events
+
+    def take_routed(self) -> list[Routed]:
+        """The outbox items of committed writes (see `routed`); like `take_events`, never
+        waits for a fold in progress."""
+        routed, self.journaled_routes = self.journaled_routes, []
+        if self.routed is None or not self._events_lock.acquire(blocking=False):
+            return routed
+        try:
+            if self.routed:
+                routed += self.routed
+                self.routed = []
+        finally:
+            self._events_lock.release()
+        return routed
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database (the daemon's store does not do it by itself)."""
