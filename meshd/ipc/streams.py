@@ -50,6 +50,10 @@ class Streams:
         self.idle_timeout = idle_timeout
         self.subs: dict[int, Subscription] = {}
         self.by_key: dict[str | None, set[Subscription]] = {}
+        # The highest seq known per stream (read at subscribe, raised by every published
+        # event): a subscriber at it has nothing to read back, so an ack costs no query.
+        # Rows committed but not yet published come with their events.
+        self.heads: dict[str | None, int] = {}
         self._ids = itertools.count(1)
         self.pushed = 0
         self.dropped_subscriptions = 0
@@ -61,6 +65,7 @@ class Streams:
         start = head if args["cursor"] is None else args["cursor"]
         if start > head:
             raise InvalidArgument(f"cursor {start} is ahead of the stream head {head}")
+        self.heads[session_id] = max(self.heads.get(session_id, 0), head)
         window = min(args["window"] or self.window, self.window * 16)
         sub = Subscription(next(self._ids), ident, req_id, session_id,
                            frozenset(args["types"] or ()), max(1, window), start, start)
@@ -105,7 +110,10 @@ class Streams:
     def publish(self, events: list[tuple[str | None, int, dict[str, Any]]]) -> None:
         """Push events just committed; subscribers that are behind catch up from the store."""
         behind: set[Subscription] = set()
+        heads = self.heads
         for key, seq, message in events:
+            if seq > heads.get(key, 0):
+                heads[key] = seq
             for sub in list(self.by_key.get(key, ())):
                 if sub in behind or sub.sub_id not in self.subs:
                     continue
@@ -124,6 +132,8 @@ class Streams:
             room = sub.window - (sub.sent - sub.acked)
             if room <= 0 or sub.sub_id not in self.subs:
                 return
+            if sub.sent >= self.heads.get(sub.session_id, 0):
+                return                           # nothing committed beyond it yet
             with self.store.lock:
                 rows = messages.after(self.store, sub.session_id, sub.sent, room, sorted(sub.types))
             if not rows:

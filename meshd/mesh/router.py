@@ -49,6 +49,9 @@ WINDOW_ITEMS = 4096
 #: Committed items kept in memory per destination and lane for sending; beyond this
 #: (a destination that is down or slow) they are read back from the outbox.
 CACHE_ITEMS = 8192
+#: s acknowledgements may wait for a fold that sends bring anyway; then they are folded
+#: in by themselves. (Reads fold them first, so nothing reads stale receipts meanwhile.)
+ACK_FOLD_DELAY = 0.05
 
 _NEVER = float("inf")
 
@@ -82,6 +85,7 @@ class Router:
         self._full_scheduled = False
         self._acks: dict[tuple[str, int], int] = {}       # acknowledged, not yet recorded
         self._acks_scheduled = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         store.enable_routing(self._send_new)   # journaled sends come to us at once
 
@@ -98,8 +102,11 @@ class Router:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks = []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         if self._acks:
-            self._record_acks()
+            self._record_acks()          # (the store folds them when it closes)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -289,7 +296,11 @@ class Router:
         self._acks_scheduled = False
         acks, self._acks = self._acks, {}
         try:
-            self.store.ack_routed([(dest, lane, through) for (dest, lane), through in acks.items()])
+            deferred = self.store.ack_routed([(dest, lane, through)
+                                              for (dest, lane), through in acks.items()])
+            if deferred and self._ack_timer is None and self._tasks:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_FOLD_DELAY,
+                                                                        self._fold_acks)
         except MeshError as exc:
             log.warning("recording acknowledgements failed (retried): %s", exc)
             for key, through in acks.items():
@@ -300,6 +311,18 @@ class Router:
                 asyncio.get_running_loop().call_later(self.config.route_retry,
                                                       self._record_acks)
             return
+
+    def _fold_acks(self) -> None:
+        """Acks still wait for a fold (no send brought one): fold them in now."""
+        self._ack_timer = None
+        if not self.store.acks_pending():
+            return
+        try:
+            self.store.flush()
+        except MeshError as exc:
+            log.warning("recording acknowledgements failed (retried): %s", exc)
+            self._ack_timer = asyncio.get_running_loop().call_later(self.config.route_retry,
+                                                                    self._fold_acks)
 
     # --- receiving ----------------------------------------------------------------------------
 

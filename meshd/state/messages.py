@@ -109,10 +109,11 @@ def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str,
     session is an error. The answer is the id, how many local inboxes got it and how many
     daemons it was queued for (0, 0 for a retry)."""
     m = a["message"]
-    check_recipient(store, m)
+    planned = a.get("_routes")
+    if planned is None:          # (planned: checked when journaled, and sessions change
+        check_recipient(store, m)  # only in writes that fold every journaled send first)
     hlc = store.hlc.now() if hlc is None else hlc
     priority = m.get("priority", "normal")
-    planned = a.get("_routes")
     cur = _insert(store, m, store.node_id, hlc, priority)
     now_ms = int(store.now() * 1000)
     if cur.rowcount == 0:                           # a retry: already stored and delivered
@@ -385,8 +386,11 @@ def deliver_routed(store: "Store", origin: str, lane: int, first: int,
 
 def _store_routed(store: "Store", m: dict[str, Any]) -> bool:
     """Store a routed message once; False when its recipient is unknown here."""
-    if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
-        return False
+    to = m["to_session"]
+    if to is not None and to not in store.live_sessions:
+        if not sessions.exists(store, to):
+            return False
+        store.live_sessions.add(to)      # (emptied when a session is deleted)
     cur = _insert(store, m, m["origin"], m["hlc"], m["priority"])
     if cur.rowcount == 0:
         return True                      # already here (a duplicate id): never twice

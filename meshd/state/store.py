@@ -305,21 +305,27 @@ class Store:
 
     # --- transactions ----------------------------------------------------------------------
 
-    def ack_routed(self, acks: list[tuple[str, int, int]]) -> None:
+    def ack_routed(self, acks: list[tuple[str, int, int]]) -> bool:
         """Destinations applied outbox items through these seqs ([(dest, lane, through)]):
-        delete them. While journaled writes wait for the fold, the acks go with the next
-        fold, after those writes (they may be what is acknowledged); otherwise now. Not
-        journaled: an ack lost in a crash only makes the item go again, and the
-        destination drops what it has."""
-        if self.unfolded and self.journal is not None:
+        delete them. With a journal the acks go with the next fold, after the writes
+        queued before them (which may be what is acknowledged), and True says so: the
+        caller makes sure a fold comes (`flush`). Any read folds them first, so receipts
+        read as stored at once. Not journaled: an ack lost in a crash only makes the
+        item go again, and the destination drops what it has."""
+        if self.journal is not None:
             self.pending.append([ROUTE_ACKED, acks, 0, 0])
-            return
+            return True
         from meshd.state import messages
         n = 0
         with self.write(keeps_routes=True):
             for dest, lane, through in acks:
                 n += messages.outbox_acked(self, dest, lane, through)
         self.route_acked += n
+        return False
+
+    def acks_pending(self) -> bool:
+        """Whether acks wait in `pending` (not yet handed to the fold thread)."""
+        return any(r[0] == ROUTE_ACKED for r in self.pending)
 
     @contextmanager
     def write(self, keeps_routes: bool = False) -> Iterator[None]:
