@@ -283,7 +283,10 @@ class Node:
         if join:
             cmd += ["--join", join]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=ENV,
+        # Loopback only: never mDNS on this machine's network (daemons that know the
+        # variable turn discovery off; older ones ignore it).
+        env = dict(ENV, MESHD_DISCOVERY="0")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(ROOT))
         self.pid = self.proc.pid
         self.info: dict[str, Any] = {}

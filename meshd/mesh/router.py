@@ -1,23 +1,25 @@
 """Routing messages between daemons: durable outboxes, in-order exactly-once delivery.
 
 A message for a session hosted elsewhere (or a broadcast, once per other daemon that hosts
-sessions) is queued in the sender daemon's outbox in the same transaction that stores it,
-so once the sender is answered the message cannot be lost: not on kill -9, not while the
-destination is down or cut off. Per destination and lane (high priority, normal) the
-router sends items as soon as they are committed, without waiting for the previous
-frame's answer (up to a window of frames and items in flight): the fold hands it the
-committed items (`Store.take_routed`), so the hot path never reads them back from SQLite.
-Every frame says which item is the oldest not yet acknowledged (`first`), so a lost frame
-shows up as a gap at the destination. The destination applies items strictly in
-sequence, each exactly once (it remembers the last sequence number it applied per origin
-and lane, in the same transaction as the messages), and answers ROUTE_ACK with that
-number; acknowledged items leave the outbox (in one transaction per burst of acks) and
-their messages read as stored there. When the answers stop moving forward for
-`route_retry` (doubling up to `route_retry_max`), or an answer shows a gap, the run is
-sent again from the outbox in SQLite, the durable copy; a destination that is down is
-not tried until membership sees it back. Items older than `outbox_max_age`, or beyond `outbox_max`
-per destination, expire: they are reported (logged, counted, and their state reads
-expired), never silently dropped.
+sessions) gets its place in the sender daemon's outbox (a seq per destination and lane,
+`messages.plan`) when it is journaled, before the sender is answered; the fold queues it
+in SQLite under that seq, in the transaction that stores it. So once the sender is
+answered the message cannot be lost: not on kill -9, not while the destination is down or
+cut off. The router sends it right away, from the journaled record, before the fold:
+items reach the router in memory (`Store.take_routed`), so the hot path never reads them
+back from SQLite. Per destination and lane (high priority, normal) frames go out without
+waiting for the previous one's answer, up to a window in flight; every frame says which
+item is the oldest not yet acknowledged (`first`), so a lost frame shows up as a gap at
+the destination. The destination applies items strictly in sequence, each exactly once
+(it remembers the last sequence number it applied per origin and lane, in the same
+transaction as the messages), and answers ROUTE_ACK with that number (which may come
+before the fold: acks are applied with the next fold, after the writes they cover);
+acknowledged items leave the outbox and their messages read as stored there. When the
+answers stop moving forward for `route_retry` (doubling up to `route_retry_max`), or an
+answer shows a gap, the run is sent again from the outbox, the durable copy; a
+destination that is down is not tried until membership sees it back. Items older than
+`outbox_max_age`, or beyond `outbox_max` per destination, expire: they are reported
+(logged, counted, and their state reads expired), never silently dropped.
 
 Read receipts travel the same way in the other direction.
 """
