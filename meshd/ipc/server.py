@@ -286,7 +286,7 @@ class IPCServer:
             # Once answered, and before the fold thread competes for the interpreter:
             # sends to other daemons go out now, from the journaled records.
             self.store.journaled(True)
-            self._schedule_flush()
+            self._schedule_flush(len(store_work))
         elif store_work:
             self.streams.publish(self.store.take_events())
             self.on_commit()            # writes, or journaled ones a read just folded
@@ -335,25 +335,40 @@ class IPCServer:
                     for w in work]
         return out
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, new: int) -> None:
         """Hand journaled writes to the fold thread: at once when enough are queued or a
-        message may have to be routed, else after a short delay (so one lone set does not
-        wake the thread); fold in place when the thread falls far behind (backpressure)
-        or a local subscriber waits for a message."""
+        message must be folded before it can be routed, else after a short delay (so one
+        lone write does not wake the thread; sends routed from the journal do not wait
+        for their fold); fold in place when the thread falls far behind (backpressure)
+        or a local subscriber waits for one of the `new` records just logged."""
         assert self._loop is not None
         pending = self.store.pending
+        sends = [r[1] for r in pending[-new:] if r[0] == "message.send"] if new else []
         if len(pending) >= self.config.journal_flush_max:
             self._flush()
-        elif self.streams.subs and any(r[0] == "message.send" for r in pending):
+        elif sends and self._pushes_locally(sends):
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
             self._flush_timer = self._loop.call_soon(self._flush)  # type: ignore[assignment]
         elif len(pending) >= self.config.journal_handoff or (
-                self.peers is not None and any(r[0] == "message.send" for r in pending)):
-            self._hand_off()        # (a message may have to be routed: no delay for it)
+                self.peers is not None and any("_routes" not in a for a in sends)):
+            self._hand_off()        # (routed only once folded: no delay for it)
         elif self._flush_timer is None:
             self._flush_timer = self._loop.call_later(self.config.journal_flush_delay,
                                                       self._timer)
+
+    def _pushes_locally(self, sends: list[dict[str, Any]]) -> bool:
+        """Whether a live subscription here may want one of these messages now: a
+        node-wide one, or one on its recipient (any, for a broadcast). A direct message
+        to another daemon's session goes there from the journal and has nobody to wait
+        for its fold here."""
+        subs = self.streams.by_key
+        if not subs:
+            return False
+        if None in subs:
+            return True
+        return any(a["message"]["to_session"] is None or a["message"]["to_session"] in subs
+                   for a in sends)
 
     def _hand_off(self) -> None:
         if self._folder is not None and self.store.hand_off():
