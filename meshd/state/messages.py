@@ -166,8 +166,20 @@ def _insert(store: "Store", m: dict[str, Any], origin: str, hlc: int, priority: 
          origin, hlc, priority))
 
 
-def _to_inbox(store: "Store", session_id: str, m: dict[str, Any]) -> None:
-    seq = _next_inbox_seq(store, session_id)
+def _to_inbox(store: "Store", session_id: str, m: dict[str, Any],
+              heads: dict[str, int] | None = None) -> None:
+    """Append to a session's inbox. With `heads`, the inbox heads are counted there and
+    written once by `_save_heads` (a frame of routed messages costs one update per
+    session, not one per message)."""
+    if heads is None:
+        seq = _next_inbox_seq(store, session_id)
+    else:
+        last = heads.get(session_id)
+        if last is None:
+            row = store.conn.execute("SELECT last FROM inbox_heads WHERE session_id = ?",
+                                     (session_id,)).fetchone()
+            last = int(row[0]) if row else 0
+        seq = heads[session_id] = last + 1
     store.conn.execute("INSERT INTO inbox (session_id, seq, message_id) VALUES (?, ?, ?)",
                        (session_id, seq, m["message_id"]))
     store.events.append((session_id, seq, m))
@@ -177,6 +189,11 @@ def _next_inbox_seq(store: "Store", session_id: str) -> int:
     return int(store.conn.execute(
         "INSERT INTO inbox_heads VALUES (?, 1) ON CONFLICT (session_id) "
         "DO UPDATE SET last = last + 1 RETURNING last", (session_id,)).fetchone()[0])
+
+
+def _save_heads(store: "Store", heads: dict[str, int]) -> None:
+    store.conn.executemany("INSERT INTO inbox_heads VALUES (?, ?) ON CONFLICT (session_id) "
+                           "DO UPDATE SET last = excluded.last", list(heads.items()))
 
 
 def list_inbox(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
@@ -368,23 +385,26 @@ def deliver_routed(store: "Store", origin: str, lane: int, first: int,
     if first > last + 1:
         last = first - 1
     now_ms = int(store.now() * 1000)
+    heads: dict[str, int] = {}
     for seq, kind, payload in sorted(items, key=lambda it: it[0]):
         if seq <= last:
             continue                     # a resend of what we already have
         if seq != last + 1:
             break
         if kind == "msg":
-            unknown += not _store_routed(store, payload)
+            unknown += not _store_routed(store, payload, heads)
         else:
             store.conn.execute("UPDATE receipts SET state = 'read', at_ms = ? "
                                "WHERE message_id = ? AND node = ?", (now_ms, payload, origin))
         last = seq
+    if heads:
+        _save_heads(store, heads)
     store.conn.execute("INSERT INTO route_in VALUES (?, ?, ?) ON CONFLICT (origin, lane) "
                        "DO UPDATE SET last = excluded.last", (origin, lane, last))
     return last, unknown
 
 
-def _store_routed(store: "Store", m: dict[str, Any]) -> bool:
+def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int]) -> bool:
     """Store a routed message once; False when its recipient is unknown here."""
     to = m["to_session"]
     if to is not None and to not in store.live_sessions:
@@ -401,7 +421,7 @@ def _store_routed(store: "Store", m: dict[str, Any]) -> bool:
     else:
         recipients = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
     for sid in recipients:
-        _to_inbox(store, sid, m)
+        _to_inbox(store, sid, m, heads)
     return True
 
 

@@ -30,6 +30,7 @@ from sessions.models import Message
 log = logging.getLogger("sessions.stream")
 
 ACK_EVERY = 32            # events between acks
+ACK_IDLE = 0.01           # s a partial ack waits for more events (saves acks under load)
 RENEW_EVERY = 1.0         # s of silence between renewals (acks double as keep-alives)
 RETRY_EVERY = 0.5         # s between attempts to (re)subscribe while the daemon is away
 
@@ -180,9 +181,13 @@ class MessageStream(_Iterable):
                     log.debug("waiting for meshd: %s", exc)
                     self._drop_socket()
                 continue
-            if self._unacked or now - self._last_renew >= RENEW_EVERY:
+            since = now - self._last_renew
+            if (self._unacked and since >= ACK_IDLE) or since >= RENEW_EVERY:
                 self._ack()
+                since = 0.0
             wait = RENEW_EVERY if deadline is None else min(RENEW_EVERY, deadline - now)
+            if self._unacked:
+                wait = min(wait, max(ACK_IDLE - since, 0.0))
             assert self._sock is not None
             if self._sock.poll(max(wait, 0) * 1000, zmq.POLLIN):
                 while self._sock is not None and self._sock.poll(0, zmq.POLLIN):
