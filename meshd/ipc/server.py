@@ -44,6 +44,10 @@ NodeInfo = Callable[[], dict[str, Any]]
 #: A request to run: (client ident, req_id, command, validated args, batch group or None).
 Work = tuple[bytes, int, str, dict[str, Any], "int | None"]
 
+#: Commands whose answer is a session record (or None) and those answering a list of them.
+_ONE_SESSION = frozenset({"session.get", "session.register"})
+_SESSIONS = frozenset({"session.list", "session.find"})
+
 # Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call on the hot path.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -75,6 +79,37 @@ def prepare_socket_path(path: str, mode: int) -> None:
 
 class _BatchFailed(Exception):
     """A request failed in a batch run without savepoints: run it again with them."""
+
+
+class HostStates:
+    """The membership state of the node hosting a session, as this daemon sees it, so a
+    client can tell a session that is idle from one whose host is gone ("local", or a
+    member's "alive", "suspect", "dead", "left"; "unknown" for a host that is not, or no
+    longer, a member). The member table is asked at most once per batch, and only when a
+    session hosted elsewhere is answered: a lone daemon pays nothing."""
+
+    def __init__(self, local: str, peers: Callable[[], list[dict[str, Any]]] | None) -> None:
+        self.local = local
+        self._peers = peers
+        self._states: dict[str, str] | None = None
+
+    def __call__(self, host: str | None) -> str:
+        if host == self.local:
+            return "local"
+        if self._states is None:
+            peers = self._peers() if self._peers is not None else []
+            self._states = {p["node_id"]: p["state"] for p in peers}
+        return self._states.get(host or "", "unknown")
+
+    def mark(self, command: str, result: Any) -> Any:
+        """Add `host_state` to the session records in a command's answer (in place: the
+        rows are fresh). The status itself the store already reads as OFFLINE when the
+        host is not up, without rewriting the replicated row."""
+        rows = result if command in _SESSIONS else [result] if command in _ONE_SESSION else ()
+        for row in rows:
+            if isinstance(row, dict):
+                row["host_state"] = self(row.get("host"))
+        return result
 
 
 class IPCServer:
@@ -429,6 +464,7 @@ class IPCServer:
         """One frame per request of `work`, in its order."""
         out: list[bytes] = []
         ok: Counter[str] = Counter()
+        hosts = HostStates(self.store.node_id, self.peers)
         try:
             # A lone read is one statement: SQLite's implicit transaction is enough
             # (after folding in journaled sets, so it reads them).
@@ -445,6 +481,7 @@ class IPCServer:
                                 result = commands.run(self.store, command, args)
                         else:
                             result = commands.run(self.store, command, args)
+                        result = hosts.mark(command, result)
                     except MeshError as exc:
                         if not isolate:
                             raise _BatchFailed() from exc

@@ -19,6 +19,7 @@ from sessions import (
     MemoryType,
     Message,
     MessageType,
+    Session,
     SessionRegistry,
     SessionsError,
     SessionStatus,
@@ -128,6 +129,14 @@ def unregister(c: Ctx, session_id: str) -> None:
     click.echo(f"✅ Unregistered session: {session_id}")
 
 
+def host_note(s: Session) -> str:
+    """A note after a row whose host is not known up and running here ("alive" or
+    "local"), so a session gone with its host is not taken for an idle one."""
+    if s.host_state in (None, "alive", "local"):
+        return ""
+    return f" (host {s.host_state})"
+
+
 @cli.command(name="list")
 @click.option("--all", "include_offline", is_flag=True, help="Include OFFLINE sessions.")
 @json_option
@@ -144,7 +153,7 @@ def list_cmd(c: Ctx, include_offline: bool, as_json: bool) -> None:
     click.echo("=" * 82)
     for s in sessions:
         click.echo(f"{s.session_id:<20} {s.agent_name:<15} {s.agent_type:<10} "
-                   f"{s.status.value:<10} {s.human_user or '':<15}")
+                   f"{s.status.value:<10} {s.human_user or '':<15}{host_note(s)}")
     click.echo("")
     click.echo("📊 Stats:")
     click.echo(f"   Total: {stats['total_sessions']}")

@@ -59,7 +59,10 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class Session:
     """One agent session in the registry. `host` is the node id of the daemon it
-    registered through (None in directory mode before it is stored)."""
+    registered through (None in directory mode before it is stored). `host_state` is how
+    the answering daemon sees that host: "local" (itself), "alive", "suspect", "dead",
+    "left" or "unknown" (not a member); None in directory mode or from an older daemon.
+    A session whose host is not up reads OFFLINE whatever its own status."""
 
     session_id: str
     agent_name: str
@@ -73,6 +76,7 @@ class Session:
     current_task: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     host: str | None = None
+    host_state: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
