@@ -14,9 +14,12 @@
   in (same origin, version inside the batch's range, our own origin never beyond our own
   counter, clock stamps not far in the future) before they reach the store; anything
   else is dropped and counted.
-- Deletion records are garbage-collected once every known member's version vector shows
-  it holds them (and they are older than `tombstone_min_age`): by then every member has
-  removed what they cover, so nothing they covered can come back.
+- Deletion records and session tombstones (`clear_offline`) are garbage-collected once
+  every known member's version vector shows it holds them (and they are older than
+  `tombstone_min_age`): by then every member has removed what they cover, so nothing they
+  covered can come back. A member that is down (suspect, dead or left, until it is
+  reaped after `reap_after`) still counts with the last vector it sent, so what it may
+  lack is kept for it; a member that never sent one holds collection back altogether.
 """
 
 from __future__ import annotations
@@ -255,17 +258,25 @@ class Replicator:
                 log.exception("tombstone collection failed")
 
     def collect_tombstones(self) -> int:
+        """Drop deletion records and session tombstones every member holds; returns how
+        many went."""
         members: list[Member] = list(self.membership.members.values())
         if any(not m.digest for m in members):
             return 0                                 # someone never told us what it holds
         horizon = stamp_at(self.store.wall() - self.config.tombstone_min_age)
         with self.store.write():
-            n = replication.collect_deletions(
-                self.store, horizon, [m.digest for m in members])
+            # Ours too: a record we hold beyond a gap in our own knowledge is kept until
+            # the gap closes, so our vector always covers what we collected.
+            digests = [replication.digest(self.store), *(m.digest for m in members)]
+            n = replication.collect_deletions(self.store, horizon, digests)
+            s = replication.collect_sessions(self.store, horizon, digests)
         if n:
             self.counters["tombstones_collected"] += n
             log.info("collected %d deletion record(s) every member holds", n)
-        return n
+        if s:
+            self.counters["session_tombstones_collected"] += s
+            log.info("collected %d session tombstone(s) every member holds", s)
+        return n + s
 
     def stats(self) -> dict[str, Any]:
         return {"pushed_through": self.pushed, "counters": dict(self.counters)}

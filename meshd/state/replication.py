@@ -114,6 +114,8 @@ def _merge_session(store: "Store", r: dict[str, Any]) -> int:
                              (r["session_id"],)).fetchone()
     if row is not None and (row[0], row[1]) >= (r["hlc"], r["origin"]):
         return 0
+    if row is None and r["version"] <= known(store, r["origin"]):
+        return 0        # we held it or what superseded it: a collected tombstone
     store.conn.execute(
         f"INSERT OR REPLACE INTO sessions ({_SESSION_COLS}) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -165,12 +167,37 @@ def _merge_deletion(store: "Store", r: dict[str, Any]) -> int:
     return 1 if memory.remove_covered(store, r["key"], r["session_id"], r["hlc"]) else 0
 
 
+def _held_by_all(rows: list[tuple[str, int]], digests: list[dict[str, int]]
+                 ) -> list[tuple[str, int]]:
+    """The (origin, version) pairs that every version vector covers."""
+    return [(o, v) for o, v in rows if all(d.get(o, 0) >= v for d in digests)]
+
+
 def collect_deletions(store: "Store", before_hlc: int, digests: list[dict[str, int]]) -> int:
     """Drop deletion records older than `before_hlc` that every given version vector
     (one per other member) holds: each member has then removed what they cover, so
     nothing they covered can be shipped back."""
     rows = store.conn.execute("SELECT origin, version FROM deletions WHERE hlc < ?",
                               (before_hlc,)).fetchall()
-    gone = [(o, v) for o, v in rows if all(d.get(o, 0) >= v for d in digests)]
+    gone = _held_by_all(rows, digests)
     store.conn.executemany("DELETE FROM deletions WHERE origin = ? AND version = ?", gone)
+    return len(gone)
+
+
+def collect_sessions(store: "Store", before_hlc: int, digests: list[dict[str, int]]) -> int:
+    """Drop session tombstones older than `before_hlc` that every given version vector
+    holds. A member whose vector covers a tombstone's (origin, version) holds that
+    tombstone or a newer write of the session (a row holds only the latest write), so it
+    has no older copy left to ship back; a stale copy that still arrives (a late frame) is
+    refused by `_merge_session`, since our vector covers it. A later register of the same
+    id is newer than the tombstone and replicates like any new session."""
+    rows = store.conn.execute("SELECT origin, version FROM sessions WHERE deleted = 1 "
+                              "AND hlc < ?", (before_hlc,)).fetchall()
+    gone = _held_by_all(rows, digests)
+    for origin, version in gone:
+        sid = store.conn.execute("DELETE FROM sessions WHERE origin = ? AND version = ? "
+                                 "AND deleted = 1 RETURNING session_id",
+                                 (origin, version)).fetchone()
+        if sid is not None:
+            store.conn.execute("DELETE FROM session_caps WHERE session_id = ?", (sid[0],))
     return len(gone)

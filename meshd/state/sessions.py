@@ -150,7 +150,8 @@ def stats(store: "Store", a: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def clear_offline(store: "Store", a: dict[str, Any]) -> int:
     """Forget OFFLINE sessions. The rows stay as tombstones so replication cannot bring
-    them back; their capabilities index goes."""
+    them back, until every member holds them (`replication.collect_sessions`); their
+    capabilities index goes now."""
     cutoff = store.now() - store.stale_after
     ids = [r[0] for r in store.conn.execute(
         "SELECT session_id FROM sessions WHERE deleted = 0 AND "
