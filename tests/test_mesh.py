@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from conftest import Daemon, eventually, peer_states, run_cli, wait_converged
+from meshd.wire.peer import frame_limit
 
 
 def snapshot(d: Daemon) -> dict[str, Any]:
@@ -282,7 +283,7 @@ def test_bad_peer_frames_are_dropped_and_counted(make_daemon):
         frame(1, {"seq": 1, "updates": [["n", "nowhere", 0, 1]]}),   # bad address
         frame(2, {"seq": 1}),                                        # missing field
         frame(1, {"seq": 1, "updates": []}, sender=""),              # empty sender
-        b"\x95" + b"\xcc" * 66_000,                                  # over the limit
+        b"\x95" + b"\xcc" * (frame_limit(65536) + 1000),            # over the limit
         records(other, [entry(other, 1, value=object.__class__.__name__, type="nope")]),
         records(other, [entry("b" * 32, 1)]),                        # not the batch's origin
         records(other, [entry(other, 50)]),                          # outside the range
@@ -296,7 +297,7 @@ def test_bad_peer_frames_are_dropped_and_counted(make_daemon):
             sock.send(f)
         sock.send(frame(5, {"digest": {"x": -1}, "members": [], "reply": True}))
         # Far over the limit, ZeroMQ itself drops the frame and that connection.
-        sock.send(b"\x95" + b"\xcc" * 200_000)
+        sock.send(b"\x95" + b"\xcc" * (frame_limit(65536) + 70_000))
     finally:
         sock.close()
         ctx.term()

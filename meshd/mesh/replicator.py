@@ -38,7 +38,7 @@ from meshd.mesh.transport import Transport
 from meshd.state import replication
 from meshd.state.hlc import MAX_DRIFT_MS, physical_ms, stamp_at
 from meshd.state.store import Store
-from meshd.wire.peer import FrameType, encode
+from meshd.wire.peer import FrameType, encode, frame_limit
 from meshd.wire.records import record as validate_record
 
 log = logging.getLogger("meshd.mesh")
@@ -115,7 +115,7 @@ class Replicator:
                            {"origin": origin, "after": after, "through": through,
                             "records": records, "more": more})
             if len(frame) <= budget or limit == 1:
-                if len(frame) > self.config.max_frame_bytes:
+                if len(frame) > frame_limit(self.config.max_frame_bytes):
                     self.counters["dropped.record_too_large"] += 1
                     log.warning("a record of %s at version %d is over the frame limit",
                                 origin[:12], through)

@@ -19,7 +19,7 @@ import zmq
 
 from meshd.config import Config
 from meshd.errors import MeshError
-from meshd.wire.peer import FrameType, decode, encode, parse_address
+from meshd.wire.peer import FrameType, decode, encode, frame_limit, parse_address
 
 log = logging.getLogger("meshd.mesh")
 
@@ -42,6 +42,7 @@ class Transport:
         self._peers: dict[str, zmq.Socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self._frame_limit = frame_limit(config.max_frame_bytes)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -50,7 +51,7 @@ class Transport:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.config.peer_queue * 16)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes + 4096)
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_limit(self.config.max_frame_bytes) + 4096)
         endpoint = f"tcp://{'[' + host + ']' if ':' in host else host}:{port or '*'}"
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
@@ -98,7 +99,7 @@ class Transport:
         return self.send_frame(addr, frame)
 
     def send_frame(self, addr: str, frame: bytes) -> bool:
-        if len(frame) > self.config.max_frame_bytes:
+        if len(frame) > frame_limit(self.config.max_frame_bytes):
             self.counters["dropped.too_large_out"] += 1
             return False
         sock = self._peers.get(addr)
@@ -173,7 +174,7 @@ class Transport:
                 self.counters["dropped.bad_frame"] += 1
                 continue
             try:
-                ftype, sender, reply_to, body = decode(parts[1], self.config.max_frame_bytes)
+                ftype, sender, reply_to, body = decode(parts[1], self._frame_limit)
             except MeshError as exc:
                 self.counters[f"dropped.{exc.code}"] += 1
                 continue

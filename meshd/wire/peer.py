@@ -166,6 +166,18 @@ def _route_items(v: Any) -> list[list[Any]]:
     return out
 
 
+#: Room a peer frame has beyond `max_frame_bytes`: one record or routed message can be as
+#: large as the request that made it, plus its stamps and the frame's own fields, so the
+#: largest write a client may make still replicates and routes (rather than blocking its
+#: origin's replication or its outbox lane behind a frame nobody accepts).
+FRAME_SLACK = 64 * 1024
+
+
+def frame_limit(max_frame_bytes: int) -> int:
+    """The largest peer frame sent or accepted when requests may be `max_frame_bytes`."""
+    return max_frame_bytes + FRAME_SLACK
+
+
 def encode(ftype: FrameType, sender: str, reply_to: str, body: dict[str, Any]) -> bytes:
     return pack([PEER_PROTOCOL_VERSION, int(ftype), sender, reply_to, body])
 
