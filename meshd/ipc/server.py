@@ -359,7 +359,7 @@ class IPCServer:
         try:
             self.store.journal.append(records)
         except BaseException as exc:
-            self.store.journaled(False)      # their routed items must never go out
+            self.store.journaled(False)      # their routed items must not go out now
             if not isinstance(exc, OSError):
                 raise
             if records:
@@ -501,7 +501,9 @@ class IPCServer:
         except StoreError as exc:
             log.error("commit failed, %d request(s) not applied: %s", len(work), exc)
             self.counters["error.store_error"] += len(work)
-            self.store.take_events()
+            # (The rollback took back this batch's events; what is left came from the
+            # journaled writes folded first, which did commit: their subscribers wait.)
+            self.streams.publish(self.store.take_events())
             return [encode_error(w[1], exc.code, str(exc)) for w in work]
         for command, n in ok.items():
             self.counters[f"ok.{command}"] += n

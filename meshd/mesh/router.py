@@ -48,9 +48,11 @@ log = logging.getLogger("meshd.mesh")
 WINDOW_FRAMES = 32
 #: Items sent and not yet acknowledged per destination and lane, at most.
 WINDOW_ITEMS = 4096
-#: Committed items kept in memory per destination and lane for sending; beyond this
-#: (a destination that is down or slow) they are read back from the outbox.
+#: Committed items kept in memory per destination and lane for sending, at most, in
+#: count and in bytes (message bodies may be up to a frame); beyond this, or while the
+#: destination is down, they are read back from the outbox when their turn comes.
 CACHE_ITEMS = 8192
+CACHE_BYTES = 16 * 1024 * 1024
 #: s acknowledgements may wait for a fold that sends bring anyway; then they are folded
 #: in by themselves. (Reads fold them first, so nothing reads stale receipts meanwhile.)
 ACK_FOLD_DELAY = 0.05
@@ -70,6 +72,35 @@ class _Queue:
     frames: int = 0              # frames sent whose answer is awaited (approximately)
     gap_resent: bool = False     # a gap answer already caused a resend, no progress since
     cache: dict[int, list[Any]] = field(default_factory=dict)   # seq -> committed item
+    cache_bytes: int = 0         # about what `cache` holds (see `_item_bytes`)
+
+    def cache_put(self, seq: int, item: list[Any]) -> None:
+        size = _item_bytes(item)
+        if len(self.cache) < CACHE_ITEMS and self.cache_bytes + size <= CACHE_BYTES:
+            self.cache[seq] = item
+            self.cache_bytes += size
+
+    def cache_drop_through(self, through: int) -> None:
+        """Forget the cached items up to `through` (acknowledged)."""
+        cache = self.cache
+        if not cache:
+            return
+        if through - self.first < 2 * len(cache) + 64:
+            seqs: Any = range(self.first, through + 1)
+        else:
+            seqs = [s for s in cache if s <= through]
+        for seq in seqs:
+            item = cache.pop(seq, None)
+            if item is not None:
+                self.cache_bytes -= _item_bytes(item)
+
+
+def _item_bytes(item: list[Any]) -> int:
+    """About how much memory a routed item holds: its message's text, or a receipt."""
+    payload = item[2]
+    if isinstance(payload, dict):
+        return 256 + len(payload.get("body") or "") + len(payload.get("subject") or "")
+    return 128
 
 
 class Router:
@@ -148,6 +179,7 @@ class Router:
         oldest item in SQLite, or at this item (every item queued since the router
         started came through here, in seq order)."""
         touched: set[tuple[str, int]] = set()
+        members = self.membership.members
         for dest, lane, item in sorted(self.store.take_routed(),
                                        key=lambda r: (r[0], r[1], r[2][0])):
             key = (dest, lane)
@@ -160,8 +192,9 @@ class Router:
                 q = self._queues[key] = _Queue(first, first - 1, seq, self.config.route_retry)
             if seq > q.last:
                 q.last = seq
-            if seq > q.sent and len(q.cache) < CACHE_ITEMS:
-                q.cache[seq] = item
+            m = members.get(dest)
+            if seq > q.sent and m is not None and m.up:   # (down: it waits in the outbox)
+                q.cache_put(seq, item)
             touched.add(key)
         return touched
 
@@ -270,12 +303,9 @@ class Router:
             return
         q.frames = max(0, q.frames - 1)
         if through >= q.first:                        # progress
-            cache = q.cache
-            if through - q.first < 2 * len(cache) + 64:
-                for seq in range(q.first, through + 1):
-                    cache.pop(seq, None)
-            else:
-                q.cache = {s: it for s, it in cache.items() if s > through}
+            q.cache_drop_through(through)
+            if q.sent <= through:
+                q.frames = 0                          # (answers to them may have been lost)
             q.first = through + 1
             q.sent = max(q.sent, through)
             q.last = max(q.last, through)
@@ -381,5 +411,6 @@ class Router:
         with self.store.read(fold=False):
             queues = messages.outbox_destinations(self.store)
         return {"counters": {**self.counters, "acked_items": self.store.route_acked},
+                "cached_bytes": sum(q.cache_bytes for q in self._queues.values()),
                 "outbox": [{"node": d, "lane": "high" if lane == 0 else "normal",
                             "items": n} for d, lane, n, *_ in queues]}
