@@ -27,13 +27,19 @@ def largest_accepted(write: Callable[[int], Any], start: int, step: int = 64,
     raise AssertionError(f"no write between {start - tries * step} and {start} was accepted")
 
 
-def test_largest_message_routes_and_later_ones_follow(make_cluster):
-    nodes: list[Daemon] = make_cluster(2)
+def two_hosts(make_cluster: Callable[..., list[Daemon]], a: str, b: str) -> list[Daemon]:
+    """Two converged daemons, session `a` on node 0 and `b` on node 1, both known to node 0."""
+    nodes = make_cluster(2)
     wait_converged(nodes)
-    nodes[0].registry().register("big-a", "A", "claude")
-    nodes[1].registry().register("big-b", "B", "claude")
-    eventually(lambda: nodes[0].registry().get("big-b") is not None, timeout=15,
-               message="big-b known on node 0")
+    nodes[0].registry().register(a, a.upper(), "claude")
+    nodes[1].registry().register(b, b.upper(), "claude")
+    eventually(lambda: nodes[0].registry().get(b) is not None, timeout=15,
+               message=f"{b} known on node 0")
+    return nodes
+
+
+def test_largest_message_routes_and_later_ones_follow(make_cluster):
+    nodes = two_hosts(make_cluster, "big-a", "big-b")
     hub0, hub1 = nodes[0].hub(timeout=10), nodes[1].hub(timeout=10)
     size, big = largest_accepted(
         lambda n: hub0.send("big-a", "big-b", "notification", "big", "x" * n), MIB)
@@ -64,12 +70,7 @@ def test_largest_memory_value_replicates_and_later_ones_follow(make_cluster):
 
 
 def test_big_messages_for_a_host_that_is_down_wait_on_disk_not_in_memory(make_cluster):
-    nodes: list[Daemon] = make_cluster(2)
-    wait_converged(nodes)
-    nodes[0].registry().register("mem-a", "A", "claude")
-    nodes[1].registry().register("mem-b", "B", "claude")
-    eventually(lambda: nodes[0].registry().get("mem-b") is not None, timeout=15,
-               message="mem-b known on node 0")
+    nodes = two_hosts(make_cluster, "mem-a", "mem-b")
     nodes[1].stop()
     eventually(lambda: peer_states(nodes[0]).get(nodes[1].node_id) in ("dead", "left"),
                timeout=15, message="node 1 seen gone")
