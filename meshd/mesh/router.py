@@ -376,6 +376,8 @@ class Router:
         self.counters["routed_in"] += len(items)
         if unknown:
             self.counters["dropped.unknown_session"] += unknown
+        if self.store.routed:
+            self.committed()                 # forwarded to where a session moved
         # Committed, so durable: live subscribers first (they wait), then the sender.
         self.on_delivered()
         self.transport.send(reply_to, FrameType.ROUTE_ACK, {"lane": lane, "through": through})

@@ -391,11 +391,16 @@ def deliver_routed(store: "Store", origin: str, lane: int, first: int,
             continue                     # a resend of what we already have
         if seq != last + 1:
             break
-        if kind == "msg":
-            unknown += not _store_routed(store, payload, heads)
+        if kind == "read":
+            cur = store.conn.execute("UPDATE receipts SET state = 'read', at_ms = ? "
+                                     "WHERE message_id = ? AND node = ?",
+                                     (now_ms, payload, origin))
+            if cur.rowcount == 0:        # read where a daemon it went to forwarded it
+                store.conn.execute("UPDATE receipts SET state = 'read', at_ms = ? "
+                                   "WHERE message_id = ? AND state != 'read'",
+                                   (now_ms, payload))
         else:
-            store.conn.execute("UPDATE receipts SET state = 'read', at_ms = ? "
-                               "WHERE message_id = ? AND node = ?", (now_ms, payload, origin))
+            unknown += not _store_routed(store, payload, heads, forwarded=kind == "fwd")
         last = seq
     if heads:
         _save_heads(store, heads)
@@ -404,25 +409,70 @@ def deliver_routed(store: "Store", origin: str, lane: int, first: int,
     return last, unknown
 
 
-def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int]) -> bool:
-    """Store a routed message once; False when its recipient is unknown here."""
+def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int],
+                  forwarded: bool = False) -> bool:
+    """Store a routed message once; False when its recipient is unknown here.
+
+    A direct message whose recipient is now hosted by another daemon (the session moved,
+    and the sender did not know yet) is forwarded there through this daemon's outbox,
+    durably, once; a forwarded one is never forwarded again (no loops while registries
+    disagree) and goes into the recipient's inbox here even if this daemon already had
+    the message (e.g. the session moved back to a daemon that saw it go by)."""
     to = m["to_session"]
-    if to is not None and to not in store.live_sessions:
-        if not sessions.exists(store, to):
+    host = None
+    if to is not None:
+        row = store.conn.execute("SELECT host FROM sessions WHERE session_id = ? AND deleted = 0",
+                                 (to,)).fetchone()
+        if row is None:
             return False
-        store.live_sessions.add(to)      # (emptied when a session is deleted)
+        host = row[0]
     cur = _insert(store, m, m["origin"], m["hlc"], m["priority"])
     if cur.rowcount == 0:
-        return True                      # already here (a duplicate id): never twice
+        # Already here (a duplicate id): never twice in an inbox.
+        if forwarded and not _in_inbox(store, to, m["message_id"]):
+            _to_inbox(store, to, m, heads)
+        return True
     store.hlc.witness(m["hlc"])
     store.events.append((None, int(cur.lastrowid or 0), m))
-    if m["to_session"] is not None:
-        recipients = [m["to_session"]]
-    else:
+    if to is None:
         recipients = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
+    elif host is not None and host != store.node_id and not forwarded:
+        forward(store, m, host)
+        return True
+    else:
+        recipients = [to]
     for sid in recipients:
         _to_inbox(store, sid, m, heads)
     return True
+
+
+def _in_inbox(store: "Store", session_id: str, message_id: str) -> bool:
+    return store.conn.execute("SELECT 1 FROM inbox WHERE session_id = ? AND message_id = ?",
+                              (session_id, message_id)).fetchone() is not None
+
+
+def forward(store: "Store", m: dict[str, Any], host: str) -> None:
+    """Queue a stored message for the daemon that now hosts its recipient (kind "fwd":
+    its origin stays the daemon it was sent through)."""
+    lane = LANES.get(m.get("priority", "normal"), 1)
+    seq = enqueue(store, host, lane, "fwd", m["message_id"], int(store.now() * 1000))
+    if store.routed is not None:
+        store.routed.append((host, lane, [seq, "fwd", _routed_payload(
+            m, m["origin"], m["hlc"], m.get("priority", "normal"))]))
+
+
+def session_moved(store: "Store", session_id: str, host: str) -> int:
+    """A session hosted here is now hosted by `host` (registered there): its unread
+    messages follow it. (They stay in this inbox too, as history.) How many went."""
+    rows = store.conn.execute(
+        f"SELECT {_COLS}, m.origin, m.hlc FROM inbox i JOIN messages m "
+        f"ON m.message_id = i.message_id WHERE i.session_id = ? AND i.read = 0 "
+        f"AND m.to_session = ? ORDER BY i.seq", (session_id, session_id)).fetchall()
+    for r in rows:
+        m = _row(r[:10])
+        m["origin"], m["hlc"] = r[10], r[11]
+        forward(store, m, host)
+    return len(rows)
 
 
 # --- what the sender can see ---------------------------------------------------------------------

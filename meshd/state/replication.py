@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from meshd.state import memory
+from meshd.state import memory, messages
 from meshd.state.hlc import physical_ms
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ def apply(store: "Store", origin: str, after: int, through: int,
 
 
 def _merge_session(store: "Store", r: dict[str, Any]) -> int:
-    row = store.conn.execute("SELECT hlc, origin FROM sessions WHERE session_id = ?",
-                             (r["session_id"],)).fetchone()
+    row = store.conn.execute("SELECT hlc, origin, host, deleted FROM sessions "
+                             "WHERE session_id = ?", (r["session_id"],)).fetchone()
     if row is not None and (row[0], row[1]) >= (r["hlc"], r["origin"]):
         return 0
     if row is None and r["version"] <= known(store, r["origin"]):
@@ -124,6 +124,10 @@ def _merge_session(store: "Store", r: dict[str, Any]) -> int:
          r["current_task"], _pack(r["metadata"]), r["host"], int(r["deleted"]), r["origin"],
          r["version"], r["hlc"]))
     store.conn.execute("DELETE FROM session_caps WHERE session_id = ?", (r["session_id"],))
+    me = store.node_id
+    if (row is not None and row[2] == me and not row[3] and not r["deleted"]
+            and r["host"] is not None and r["host"] != me):
+        messages.session_moved(store, r["session_id"], r["host"])    # unread ones follow
     if r["deleted"]:
         store.forget_sessions()
     else:

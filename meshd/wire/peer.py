@@ -147,7 +147,7 @@ MAX_ROUTE_ITEMS = 4096
 
 
 def _route_items(v: Any) -> list[list[Any]]:
-    """[[seq, "msg", routed message] | [seq, "read", message_id], ...]; a bad item fails
+    """[[seq, "msg" | "fwd", routed message] | [seq, "read", message_id], ...]; a bad item fails
     the whole frame (the sender resends from the last applied one)."""
     if not isinstance(v, list) or len(v) > MAX_ROUTE_ITEMS:
         raise InvalidArgument(f"items must be a list of at most {MAX_ROUTE_ITEMS}")
@@ -157,7 +157,7 @@ def _route_items(v: Any) -> list[list[Any]]:
             raise InvalidArgument("a routed item is [seq, kind, payload]")
         seq, kind, payload = item
         seq = s.count(seq, "seq", 1, 2**62)
-        if kind == "msg":
+        if kind == "msg" or kind == "fwd":      # (fwd: for a session that moved)
             out.append([seq, kind, s.routed_message(payload)])
         elif kind == "read":
             out.append([seq, kind, s.ident(payload, "message_id")])
