@@ -14,13 +14,18 @@ def inbox(d: Daemon, sid: str) -> Counter[str]:
     return Counter(m.subject for m in d.hub().get_messages(sid))
 
 
+def place(nodes: list[Daemon], placement: dict[str, int]) -> None:
+    """Converge, register each session on its node, wait until node 0 knows them all."""
+    wait_converged(nodes)
+    for sid, i in placement.items():
+        nodes[i].registry().register(sid, sid.upper(), "claude")
+    eventually(lambda: all(nodes[0].registry().get(s) for s in placement), timeout=15,
+               message="sessions known on node 0")
+
+
 def test_unread_and_in_flight_messages_follow_a_moved_session(make_cluster):
     a, b, c = nodes = make_cluster(3)
-    wait_converged(nodes)
-    a.registry().register("sender", "S", "claude")
-    b.registry().register("mover", "M", "claude")
-    eventually(lambda: a.registry().get("mover") is not None, timeout=15,
-               message="mover known on a")
+    place(nodes, {"sender": 0, "mover": 1})
     hub_a = a.hub(timeout=10)
     m1 = hub_a.send("sender", "mover", "request", "m1", "read on b")
     hub_a.send("sender", "mover", "request", "m2", "unread on b")
@@ -36,7 +41,7 @@ def test_unread_and_in_flight_messages_follow_a_moved_session(make_cluster):
     hub_a.send("sender", "mover", "request", "m4", "queued for b")
 
     # The agent comes back on c: same session id, new host.
-    c.registry().register("mover", "M", "claude")
+    c.registry().register("mover", "MOVER", "claude")
     eventually(lambda: getattr(a.registry().get("mover"), "host", None) == c.node_id,
                timeout=15, message="a sees mover hosted by c")
     hub_a.send("sender", "mover", "request", "m5", "straight to c")
@@ -62,11 +67,7 @@ def test_a_forwarded_message_is_not_forwarded_again(make_cluster):
     """Registries that disagree for a moment must not bounce a message between hosts: a
     forwarded message goes into the inbox where it arrives."""
     a, b = nodes = make_cluster(2)
-    wait_converged(nodes)
-    a.registry().register("s-a", "A", "claude")
-    b.registry().register("s-b", "B", "claude")
-    eventually(lambda: a.registry().get("s-b") is not None, timeout=15,
-               message="s-b known on a")
+    place(nodes, {"s-a": 0, "s-b": 1})
     hub_a = a.hub(timeout=10)
     for i in range(20):
         hub_a.send("s-a", "s-b", "notification", f"n{i}", "x")
@@ -74,7 +75,7 @@ def test_a_forwarded_message_is_not_forwarded_again(make_cluster):
     # their way to b: those b stored follow (unread), those arriving later are
     # forwarded, and a, which already holds every one of them as their sender's daemon,
     # puts each in s-b's inbox once.
-    a.registry().register("s-b", "B", "claude")
+    a.registry().register("s-b", "S-B", "claude")
     want = Counter({f"n{i}": 1 for i in range(20)})
     eventually(lambda: inbox(a, "s-b") == want, timeout=30,
                message="every message once in s-b's inbox on a")
