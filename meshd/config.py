@@ -85,6 +85,9 @@ class Config:
     interfaces: tuple[str, ...] = ()      # IPv4 addresses to run mDNS on; () = the bind
                                           # address, or every non-loopback one for 0.0.0.0
     discovery_resolve_timeout: float = 3.0  # s to wait for a service's records per try
+    discovery_max_resolves: int = 64      # names resolved at once; more are dropped (a flood)
+    discovery_max_peers: int = 1024       # announcements of our cluster remembered (each is
+                                          # knocked at with backoff); more are dropped
     # --- routing messages between daemons ----------------------------------------------
     route_tick: float = 0.5               # s between looks at the outboxes (new ones go at once)
     route_retry: float = 1.0              # s without an ack before a run is sent again ...

@@ -65,6 +65,14 @@ def _setup_logging(level: str) -> None:
               show_default=True,
               help="Announce and browse for peers over mDNS on the LAN; with --no-discovery "
                    "only --join peers are joined [env MESHD_DISCOVERY=0/1].")
+@click.option("--discovery-max-peers", type=click.IntRange(1), default=None, metavar="N",
+              envvar="MESHD_DISCOVERY_MAX_PEERS",
+              help="Announcements of our cluster remembered at most (default 1024); more "
+                   "are dropped, a bound against floods [env MESHD_DISCOVERY_MAX_PEERS].")
+@click.option("--discovery-max-resolves", type=click.IntRange(1), default=None, metavar="N",
+              envvar="MESHD_DISCOVERY_MAX_RESOLVES",
+              help="mDNS names resolved at once at most (default 64); more are dropped "
+                   "[env MESHD_DISCOVERY_MAX_RESOLVES].")
 @click.option("--outbox-max-age", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
               help="How long a message may wait for its recipient's host (default 7 days); "
                    "older ones expire and are reported.")
@@ -78,6 +86,7 @@ def _setup_logging(level: str) -> None:
 def main(socket_path: str | None, data_dir: str | None, system: bool, durability: str,
          max_frame: int | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
          cluster: str | None, interfaces: tuple[str, ...], discovery: bool,
+         discovery_max_peers: int | None, discovery_max_resolves: int | None,
          outbox_max_age: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
@@ -116,6 +125,10 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
                 raise click.BadParameter(f"{a!r} is not an IPv4 address",
                                          param_hint="--interface") from None
         overrides["interfaces"] = tuple(interfaces)
+    if discovery_max_peers is not None:
+        overrides["discovery_max_peers"] = discovery_max_peers
+    if discovery_max_resolves is not None:
+        overrides["discovery_max_resolves"] = discovery_max_resolves
     if outbox_max_age is not None:
         overrides["outbox_max_age"] = outbox_max_age
     for hint, addr in [("--bind", bind), ("--advertise", advertise), *[("--join", j) for j in join]]:

@@ -11,6 +11,7 @@ with discovery off (conftest) and a loopback bind, where it refuses to run anywa
 from __future__ import annotations
 
 import json
+import select
 import shutil
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_discovery_never_runs_on_loopback():
 
 def test_the_daemon_rejects_bad_discovery_flags(tmp_path):
     from conftest import subprocess_env
-    for args in (["--cluster", "bad name"], ["--interface", "eth0"]):
+    for args in (["--cluster", "bad name"], ["--interface", "eth0"],
+                 ["--discovery-max-peers", "0"], ["--discovery-max-resolves", "x"]):
         r = subprocess.run([sys.executable, "-m", "meshd", "--data-dir", str(tmp_path / "d"),
                             "--socket", str(tmp_path / "s.sock"), *args],
                            capture_output=True, text=True, env=subprocess_env(), timeout=30)
@@ -106,14 +108,15 @@ def lab() -> Iterator[Callable[[int], netlab.Lab]]:
 @pytest.fixture
 def lan(lab, short_tmp) -> Iterator[Callable[..., list[Daemon]]]:
     """lan(n, args_for=lambda i: [...]) -> n daemons, one per lab host, with discovery on,
-    the default bind (0.0.0.0:7747) and no --join. All are stopped at the end."""
+    the default bind (0.0.0.0:7747) and no --join. All are stopped at the end. With
+    `first`, on hosts first..first+n-1 (more daemons in a lab that already has some)."""
     started: list[Daemon] = []
 
     def make(n: int, args_for: Callable[[int], list[str]] = lambda i: [],
-             hosts: netlab.Lab | None = None) -> list[Daemon]:
-        lb = hosts or lab(n)
+             hosts: netlab.Lab | None = None, first: int = 0) -> list[Daemon]:
+        lb = hosts or lab(first + n)
         nodes = []
-        for i in range(n):
+        for i in range(first, first + n):
             d = Daemon(socket=str(short_tmp / f"h{i}.sock"),
                        data_dir=str(short_tmp / f"h{i}-data"),
                        log_path=str(short_tmp / f"h{i}.log"),
@@ -330,3 +333,111 @@ def test_foreign_and_malformed_announcements_are_ignored(lab, lan):
         assert silent not in peer_states(d)
         assert d.alive()
     wait_converged(nodes, timeout=10)
+
+
+# --- floods of announcements ------------------------------------------------------------------
+
+ANNOUNCER = str(Path(__file__).parent / "mdns_announcer.py")
+FLOOD, CAP = 40, 8
+
+
+def start_announcer(hosts: netlab.Lab, i: int, *args: str) -> dict:
+    """Run mdns_announcer.py on lab host i (stopped by the lab) and return its ready line."""
+    proc = hosts.popen(i, [sys.executable, ANNOUNCER, *args], stdout=subprocess.PIPE,
+                       text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline() if ready else ""
+    assert line, "the announcer did not start within 30 s"
+    return json.loads(line)
+
+
+class Watch:
+    """Discovery stats read through the daemon's local socket, with the worst seen kept:
+    how long node info + the peer list took, and the largest `peers_heard`/`resolving`
+    (`eventually` retries on a failed assert, so limits are checked on what was seen)."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        self.slowest = 0.0
+        self.most: dict[str, int] = {"peers_heard": 0, "resolving": 0}
+
+    def stats(self) -> dict:
+        t0 = time.monotonic()
+        st = self.d.registry(timeout=5).node_info()["mesh"]["discovery"]
+        self.d.registry(timeout=5).peers()
+        self.slowest = max(self.slowest, time.monotonic() - t0)
+        for key in self.most:
+            self.most[key] = max(self.most[key], st.get(key, 0))
+        return st
+
+    def counter(self, name: str) -> int:
+        return self.stats()["counters"].get(name, 0)
+
+
+@needs_lab
+def test_a_flood_of_fake_peers_is_capped_and_join_still_works(lab, lan):
+    """A host announces 40 well-formed meshd nodes of our cluster at addresses where nothing
+    answers. A daemon remembering at most 8 takes 8 (and knocks at them in vain), drops the
+    rest, keeps answering its socket, and makes none a member. A real host arriving after
+    the table is full is turned away by it too (it counts announcements, not peers that
+    answer): it gets in with --join, flooded as well."""
+    hosts = lab(3)
+    capped = lan(1, hosts=hosts, args_for=lambda i: ["--discovery-max-peers", str(CAP)])[0]
+    watch = Watch(capped)
+    assert watch.stats()["max_peers"] == CAP
+    fakes = set(start_announcer(hosts, 1, "flood", hosts.address(1), str(FLOOD),
+                                f"{netlab.SUBNET}.100")["nodes"])
+    assert len(fakes) == FLOOD
+    eventually(lambda: watch.stats()["peers_heard"] == CAP
+               and watch.counter("dropped.too_many") >= FLOOD - CAP, timeout=20,
+               message="the table full and the rest dropped")
+    # Watch it knock at the 8 silent ones for a while (several join retries of the test
+    # preset): never more heard, never a member, the socket answering throughout.
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        assert watch.stats()["peers_heard"] == CAP
+        assert peer_states(capped) == {}
+        time.sleep(0.1)
+    real = lan(1, hosts=hosts, first=2, args_for=lambda i: [
+        "--discovery-max-peers", str(CAP), "--join", f"{hosts.address(0)}:7747"])[0]
+    wait_converged([capped, real], timeout=20)
+    real_watch = Watch(real)
+    eventually(lambda: real_watch.counter("dropped.too_many") >= FLOOD + 1 - CAP, timeout=20,
+               message="the real host flooded as well (40 fakes + the capped daemon)")
+    # Every name taken counts once in `found`: 8 each, so the capped daemon never took
+    # the real host's announcement, and neither took more than 8 at any moment.
+    for w in (watch, real_watch):
+        assert w.counter("found") == CAP, w.stats()
+    for d, other in ((capped, real), (real, capped)):
+        assert set(peer_states(d)) == {other.node_id}
+        assert not fakes & set(peer_states(d))
+        assert d.alive()
+    for w in (watch, real_watch):
+        assert w.most["peers_heard"] <= CAP, w.most
+        assert w.slowest < 2.0, f"node info + peers took {w.slowest:.2f}s under the flood"
+
+
+@needs_lab
+def test_names_that_never_resolve_hold_at_most_the_resolve_cap(lab, lan):
+    """30 PTR records whose SRV/TXT nobody answers: each would hold a resolver for about
+    20 s (4 tries of 3 s, with backoff). A daemon resolving at most 4 at once drops the
+    other 26, stays responsive, and frees its 4 slots when the tries run out."""
+    hosts = lab(2)
+    d = lan(1, hosts=hosts, args_for=lambda i: ["--discovery-max-resolves", "4"])[0]
+    watch = Watch(d)
+    assert watch.stats()["max_resolves"] == 4
+    r = subprocess.run(["ip", "netns", "exec", hosts.hosts[1], sys.executable, ANNOUNCER,
+                        "ptr-only", hosts.address(1), "30"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    eventually(lambda: watch.stats()["resolving"] == 4
+               and watch.counter("dropped.too_many") >= 26, timeout=10,
+               message="4 names resolving, the rest dropped")
+    eventually(lambda: watch.counter("unresolved") >= 4 and watch.stats()["resolving"] == 0,
+               timeout=45, message="the 4 resolves given up and their slots freed")
+    st = watch.stats()
+    assert st["peers_heard"] == 0 and st["counters"]["dropped.too_many"] == 26, st
+    assert watch.most["resolving"] <= 4, watch.most
+    assert watch.slowest < 2.0, f"node info + peers took {watch.slowest:.2f}s"
+    assert peer_states(d) == {} and d.alive()

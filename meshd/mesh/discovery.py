@@ -28,11 +28,6 @@ from meshd.wire.peer import PEER_PROTOCOL_VERSION, parse_address
 
 log = logging.getLogger("meshd.discovery")
 
-#: Bounds against a flood of announcements (a hostile or broken host): names being
-#: resolved at once, and peers of our cluster remembered (so joined with backoff).
-MAX_RESOLVING = 64
-MAX_PEERS_HEARD = 1024
-
 OnFound = Callable[[str, list[str]], None]      # (node id, ["ip:port", ...])
 OnGone = Callable[[list[str]], None]
 
@@ -178,12 +173,26 @@ class Discovery:
         self.counters["heard"] += 1
         if name in self._resolving:
             return
-        if len(self._resolving) >= MAX_RESOLVING or (
-                name not in self._names and len(self._names) >= MAX_PEERS_HEARD):
+        if self._too_many(name):
             self.counters["dropped.too_many"] += 1      # a flood of announcements
             return
         self._resolving.add(name)
         self._spawn(self._resolve(name))
+
+    def _too_many(self, name: str) -> bool:
+        """Bounds against a flood of announcements (a hostile or broken host): names being
+        resolved at once, and peers of our cluster remembered (each knocked at with
+        backoff). A name counts once it resolved to a well-formed announcement of our
+        cluster, whether or not anything answers at its address; it is forgotten only on
+        a goodbye or when its records expire, so a full table also turns away real peers
+        until then (they still get in through --join, or by hearing us themselves)."""
+        return (len(self._resolving) >= self.config.discovery_max_resolves
+                or self._table_full(name))
+
+    def _table_full(self, name: str) -> bool:
+        """Checked again once a name resolved: a burst of announcements starts many
+        resolves while the table still has room, and only some of them may take it."""
+        return name not in self._names and len(self._names) >= self.config.discovery_max_peers
 
     async def _resolve(self, name: str) -> None:
         """Fetch SRV/TXT/A for one name (usually already cached from the announcement),
@@ -230,6 +239,9 @@ class Discovery:
             self.counters["ignored.self"] += 1    # our id under another name: a clone?
             log.warning("mDNS service %s claims this node's id %s", name, self.node_id)
             return
+        if self._table_full(name):
+            self.counters["dropped.too_many"] += 1
+            return
         addrs = ann.peer_addresses()
         if self._names.get(name) != addrs:
             self.counters["found"] += 1
@@ -240,4 +252,7 @@ class Discovery:
     def stats(self) -> dict[str, Any]:
         return {"state": self.state, "cluster": self.config.cluster,
                 "interfaces": self.interfaces, "peers_heard": len(self._names),
+                "resolving": len(self._resolving),
+                "max_peers": self.config.discovery_max_peers,
+                "max_resolves": self.config.discovery_max_resolves,
                 "counters": dict(self.counters)}
