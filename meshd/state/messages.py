@@ -168,18 +168,17 @@ def _insert(store: "Store", m: dict[str, Any], origin: str, hlc: int, priority: 
 
 def _to_inbox(store: "Store", session_id: str, m: dict[str, Any],
               heads: dict[str, int] | None = None) -> None:
-    """Append to a session's inbox. With `heads`, the inbox heads are counted there and
-    written once by `_save_heads` (a frame of routed messages costs one update per
-    session, not one per message)."""
-    if heads is None:
+    """Append to a session's inbox. With `heads`, a session's first message takes its
+    seq from SQLite as usual and the next ones are counted in `heads`, written once by
+    `_save_heads` (a frame of routed messages costs two head updates per session at
+    most, not one per message). In `heads`, a negative head is already in SQLite."""
+    last = heads.get(session_id) if heads is not None else None
+    if last is None:
         seq = _next_inbox_seq(store, session_id)
+        if heads is not None:
+            heads[session_id] = -seq         # (negative: written already)
     else:
-        last = heads.get(session_id)
-        if last is None:
-            row = store.conn.execute("SELECT last FROM inbox_heads WHERE session_id = ?",
-                                     (session_id,)).fetchone()
-            last = int(row[0]) if row else 0
-        seq = heads[session_id] = last + 1
+        seq = heads[session_id] = abs(last) + 1
     store.conn.execute("INSERT INTO inbox (session_id, seq, message_id) VALUES (?, ?, ?)",
                        (session_id, seq, m["message_id"]))
     store.events.append((session_id, seq, m))
@@ -192,8 +191,10 @@ def _next_inbox_seq(store: "Store", session_id: str) -> int:
 
 
 def _save_heads(store: "Store", heads: dict[str, int]) -> None:
-    store.conn.executemany("INSERT INTO inbox_heads VALUES (?, ?) ON CONFLICT (session_id) "
-                           "DO UPDATE SET last = excluded.last", list(heads.items()))
+    behind = [(sid, last) for sid, last in heads.items() if last > 0]
+    if behind:
+        store.conn.executemany("INSERT INTO inbox_heads VALUES (?, ?) ON CONFLICT (session_id) "
+                               "DO UPDATE SET last = excluded.last", behind)
 
 
 def list_inbox(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
