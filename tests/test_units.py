@@ -130,3 +130,16 @@ def test_reads_use_indexes(tmp_path):
     for name, sql in plans.items():
         plan = " ".join(r[-1] for r in s.conn.execute("EXPLAIN QUERY PLAN " + sql))
         assert "SCAN" not in plan.replace("SCAN CONSTANT", ""), f"{name}: {plan}"
+
+
+def test_router_cache_counts_data_and_non_ascii_text():
+    """The send cache's byte bound must see what a message really holds: its data, and
+    text that is not ASCII at up to 4 bytes a character."""
+    from meshd.mesh.router import _item_bytes
+    plain = [1, "msg", {"body": "x" * 1000, "subject": "s", "data": {}}]
+    wide = [1, "msg", {"body": "é" * 1000, "subject": "s", "data": {}}]
+    heavy = [1, "msg", {"body": "", "subject": "s", "data": {"blob": "y" * 1_000_000}}]
+    assert 1000 < _item_bytes(plain) < 2000
+    assert _item_bytes(wide) >= 2000
+    assert _item_bytes(heavy) >= 1_000_000
+    assert _item_bytes([1, "read", "message-id"]) < 1000

@@ -171,6 +171,8 @@ class Mesh:
         elif ftype == FrameType.RECORDS:
             self.membership.heard_from(sender)
             self.replicator.on_records(sender, reply_to, body)
+            if self.store.routed:
+                self.router.committed()      # mail of a session that moved: send it now
         elif ftype == FrameType.PULL:
             self.membership.heard_from(sender)
             self.replicator.on_pull(reply_to, body)

@@ -33,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgpack
+
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.mesh.membership import Membership
@@ -96,11 +98,19 @@ class _Queue:
 
 
 def _item_bytes(item: list[Any]) -> int:
-    """About how much memory a routed item holds: its message's text, or a receipt."""
+    """At least how much memory a routed item holds: its message's text (4 bytes a
+    character unless ASCII) and data, or a receipt."""
     payload = item[2]
-    if isinstance(payload, dict):
-        return 256 + len(payload.get("body") or "") + len(payload.get("subject") or "")
-    return 128
+    if not isinstance(payload, dict):
+        return 128
+    size = 512
+    for key in ("body", "subject"):
+        text = payload.get(key) or ""
+        size += len(text) if text.isascii() else 4 * len(text)
+    data = payload.get("data")
+    if data:
+        size += len(msgpack.packb(data, use_bin_type=True))
+    return size
 
 
 class Router:
@@ -398,15 +408,19 @@ class Router:
         with self.store.write(keeps_routes=True):
             gone = messages.expire_outbox(self.store, int(self.config.outbox_max_age * 1000),
                                           self.config.outbox_max)
-        for dest in {d for _, d in gone}:
+        for dest in {d for _, d, _ in gone}:
             # What is cached or in flight for it may include expired items: start over
             # from the outbox.
             for key in [k for k in self._queues if k[0] == dest]:
                 del self._queues[key]
-        for mid, dest in gone:
-            log.warning("message %s to node %s expired in the outbox (undelivered)", mid,
-                        dest[:12])
-        self.counters["expired"] += len(gone)
+        for mid, dest, kind in gone:
+            if kind == "read":
+                self.counters["expired_receipts"] += 1
+                log.info("read receipt of %s for node %s expired in the outbox", mid, dest[:12])
+                continue
+            self.counters["expired"] += 1
+            log.warning("message %s %s node %s expired in the outbox (undelivered)", mid,
+                        "forwarded to" if kind == "fwd" else "to", dest[:12])
         return len(gone)
 
     def stats(self) -> dict[str, Any]:

@@ -248,6 +248,11 @@ def mark_read(store: "Store", a: dict[str, Any]) -> int:
     store.conn.execute(f"UPDATE inbox SET read = 1 WHERE {where}", params)
     now_ms = int(store.now() * 1000)
     marks = ",".join("?" * len(ids))
+    # Sent from here to this session, which has since moved here: the receipts are ours.
+    store.conn.execute(
+        f"UPDATE receipts SET state = 'read', at_ms = ? WHERE state IN ('queued', 'stored') "
+        f"AND message_id IN (SELECT message_id FROM messages WHERE message_id IN ({marks}) "
+        f"AND to_session = ? AND origin = ?)", (now_ms, *ids, a["session_id"], store.node_id))
     for mid, origin in store.conn.execute(
             f"SELECT message_id, origin FROM messages WHERE message_id IN ({marks}) "
             f"AND origin != ?", (*ids, store.node_id)).fetchall():
@@ -345,9 +350,11 @@ def outbox_acked(store: "Store", dest: str, lane: int, through: int) -> int:
     return max(cur.rowcount, 0)
 
 
-def expire_outbox(store: "Store", max_age_ms: int, max_items: int) -> list[tuple[str, str]]:
+def expire_outbox(store: "Store", max_age_ms: int, max_items: int
+                  ) -> list[tuple[str, str, str]]:
     """Drop queued items older than `max_age_ms`, or beyond `max_items` per destination
-    (oldest first); their messages read as expired there. Returns (message_id, dest)."""
+    (oldest first); their messages read as expired there (messages sent from here).
+    Returns (message_id, dest, kind) for every item dropped, to be reported."""
     now_ms = int(store.now() * 1000)
     doomed = store.conn.execute(
         "SELECT dest, lane, seq, kind, message_id FROM outbox WHERE queued_ms < ?",
@@ -364,7 +371,7 @@ def expire_outbox(store: "Store", max_age_ms: int, max_items: int) -> list[tuple
         if kind == "msg":
             store.conn.execute("UPDATE receipts SET state = 'expired', at_ms = ? "
                                "WHERE message_id = ? AND node = ?", (now_ms, mid, dest))
-            out.append((mid, dest))
+        out.append((mid, dest, kind))
     return out
 
 
@@ -398,10 +405,10 @@ def deliver_routed(store: "Store", origin: str, lane: int, first: int,
                                      (now_ms, payload, origin))
             if cur.rowcount == 0:        # read where a daemon it went to forwarded it
                 store.conn.execute("UPDATE receipts SET state = 'read', at_ms = ? "
-                                   "WHERE message_id = ? AND state != 'read'",
+                                   "WHERE message_id = ? AND state IN ('queued', 'stored')",
                                    (now_ms, payload))
         else:
-            unknown += not _store_routed(store, payload, heads, forwarded=kind == "fwd")
+            unknown += not _store_routed(store, payload, heads, origin, forwarded=kind == "fwd")
         last = seq
     if heads:
         _save_heads(store, heads)
@@ -410,17 +417,22 @@ def deliver_routed(store: "Store", origin: str, lane: int, first: int,
     return last, unknown
 
 
-def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int],
+def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int], via: str,
                   forwarded: bool = False) -> bool:
-    """Store a routed message once; False when its recipient is unknown here.
+    """Store a routed message (from daemon `via`) once; False when its recipient is
+    unknown here.
 
-    A direct message whose recipient is now hosted by another daemon (the session moved,
-    and the sender did not know yet) is forwarded there through this daemon's outbox,
-    durably, once; a forwarded one is never forwarded again (no loops while registries
-    disagree) and goes into the recipient's inbox here even if this daemon already had
-    the message (e.g. the session moved back to a daemon that saw it go by)."""
+    A direct message whose recipient is hosted by another daemon (the session moved, and
+    `via` did not know yet) is forwarded there through this daemon's outbox, durably.
+    Each daemon forwards a message at most once, and never back to `via`, so a message
+    cannot circle while registries disagree; where it cannot go on, it stays in the
+    recipient's inbox here (and follows the session when this daemon learns where it
+    went, see `session_moved`). A forwarded message this daemon already had (the session
+    moved back, or to its sender's daemon) still goes into the recipient's inbox once."""
     to = m["to_session"]
     host = None
+    if forwarded and to is None:
+        return False                     # only direct messages are forwarded
     if to is not None:
         row = store.conn.execute("SELECT host FROM sessions WHERE session_id = ? AND deleted = 0",
                                  (to,)).fetchone()
@@ -429,15 +441,17 @@ def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int],
         host = row[0]
     cur = _insert(store, m, m["origin"], m["hlc"], m["priority"])
     if cur.rowcount == 0:
-        # Already here (a duplicate id): never twice in an inbox.
-        if forwarded and not _in_inbox(store, to, m["message_id"]):
+        # Already here (a duplicate id): never twice in an inbox, and only in the inbox of
+        # the recipient it was stored for (a forged "fwd" must not put it elsewhere).
+        if forwarded and _stored_for(store, m["message_id"]) == to \
+                and not _in_inbox(store, to, m["message_id"]):
             _to_inbox(store, to, m, heads)
         return True
     store.hlc.witness(m["hlc"])
     store.events.append((None, int(cur.lastrowid or 0), m))
     if to is None:
         recipients = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
-    elif host is not None and host != store.node_id and not forwarded:
+    elif host is not None and host != store.node_id and host != via:
         forward(store, m, host)
         return True
     else:
@@ -445,6 +459,12 @@ def _store_routed(store: "Store", m: dict[str, Any], heads: dict[str, int],
     for sid in recipients:
         _to_inbox(store, sid, m, heads)
     return True
+
+
+def _stored_for(store: "Store", message_id: str) -> str | None:
+    row = store.conn.execute("SELECT to_session FROM messages WHERE message_id = ?",
+                             (message_id,)).fetchone()
+    return row[0] if row else None
 
 
 def _in_inbox(store: "Store", session_id: str, message_id: str) -> bool:
@@ -464,7 +484,9 @@ def forward(store: "Store", m: dict[str, Any], host: str) -> None:
 
 def session_moved(store: "Store", session_id: str, host: str) -> int:
     """A session hosted here is now hosted by `host` (registered there): its unread
-    messages follow it. (They stay in this inbox too, as history.) How many went."""
+    messages follow it and leave this inbox (so moving back, or on again, never hands
+    out mail twice; the messages themselves stay, for threads and de-duplication). Read
+    ones stay here as the session's history. How many went."""
     rows = store.conn.execute(
         f"SELECT {_COLS}, m.origin, m.hlc FROM inbox i JOIN messages m "
         f"ON m.message_id = i.message_id WHERE i.session_id = ? AND i.read = 0 "
@@ -473,6 +495,10 @@ def session_moved(store: "Store", session_id: str, host: str) -> int:
         m = _row(r[:10])
         m["origin"], m["hlc"] = r[10], r[11]
         forward(store, m, host)
+    if rows:
+        store.conn.execute("DELETE FROM inbox WHERE session_id = ? AND read = 0 AND message_id "
+                           "IN (SELECT message_id FROM messages WHERE to_session = ?)",
+                           (session_id, session_id))
     return len(rows)
 
 
