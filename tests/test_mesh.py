@@ -134,6 +134,23 @@ def test_sigterm_leave_is_seen_as_left_not_dead(make_cluster):
     assert "is now left" in nodes[0].log()
 
 
+
+def test_a_daemon_stopped_right_after_it_joined_is_seen_left(make_cluster):
+    """Its join reached the others (they see it alive) before it heard back from them:
+    its leave must still reach them, or they would wait for failure detection ("dead")."""
+    first, late = make_cluster(2)
+    assert late.stop() == 0
+    eventually(lambda: peer_states(first).get(late.node_id) == "left", timeout=10,
+               message="the leave of a stopped node")
+    for _ in range(3):                             # again: restarted, and stopped at once
+        late.start()
+        eventually(lambda: peer_states(first).get(late.node_id) == "alive", timeout=10,
+                   interval=0.005, message="node 0 sees it alive again")
+        assert late.stop() == 0                    # it may know no member yet
+        eventually(lambda: peer_states(first).get(late.node_id) == "left", timeout=10,
+                   message="the leave of a node that had only just joined")
+
+
 # --- replication ------------------------------------------------------------------------------
 
 def test_concurrent_writes_on_every_node_converge_to_identical_state(make_cluster):

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from meshd.config import Config
 from meshd.mesh.transport import Transport
@@ -339,14 +339,16 @@ class Membership:
             for m in random.sample(self.alive(), min(3, len(self.alive()))):
                 self.transport.send(m.address, FrameType.GOSSIP, {"updates": updates})
 
-    def leave(self) -> None:
-        """Tell every member at once that this node is leaving (on SIGTERM)."""
+    def leave(self, also: Iterable[str] = ()) -> None:
+        """Tell every member at once that this node is leaving (on SIGTERM), and the
+        addresses in `also`: peers we were joining, which may see us alive already (our
+        join reached them) while we have not heard back from them yet."""
         self.leaving = True
         self.incarnation += 1
         me = [self.me()]
-        for m in self.members.values():
-            if m.up:
-                self.transport.send(m.address, FrameType.GOSSIP, {"updates": me})
+        told = {m.address for m in self.members.values() if m.up}
+        for addr in told | (set(also) - {self.transport.address}):
+            self.transport.send(addr, FrameType.GOSSIP, {"updates": me})
 
     def peers(self) -> list[dict[str, Any]]:
         now = self.clock()

@@ -76,8 +76,9 @@ class Mesh:
         try:
             if self.discovery is not None:
                 await self.discovery.stop()
-            if leave and self.membership.members:
-                self.membership.leave()
+            joining = set(self._seeds) | self._joined
+            if leave and (self.membership.members or joining):
+                self.membership.leave(also=joining)
                 await asyncio.sleep(self.config.leave_grace)   # let the LEFT frames go out
             if self._task is not None:
                 self._task.cancel()
