@@ -76,7 +76,10 @@ class Mesh:
         try:
             if self.discovery is not None:
                 await self.discovery.stop()
-            joining = set(self._seeds) | self._joined
+            # (Not to members we hold down: a frame for an address that does not answer
+            # would hold the shutdown for the whole linger.)
+            down = {m.address for m in self.membership.members.values() if not m.up}
+            joining = (set(self._seeds) | self._joined) - down
             if leave and (self.membership.members or joining):
                 self.membership.leave(also=joining)
                 await asyncio.sleep(self.config.leave_grace)   # let the LEFT frames go out
