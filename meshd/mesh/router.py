@@ -75,11 +75,13 @@ class _Queue:
     gap_resent: bool = False     # a gap answer already caused a resend, no progress since
     cache: dict[int, list[Any]] = field(default_factory=dict)   # seq -> committed item
     cache_bytes: int = 0         # about what `cache` holds (see `_item_bytes`)
+    sizes: dict[int, int] = field(default_factory=dict)         # seq -> its _item_bytes
 
     def cache_put(self, seq: int, item: list[Any]) -> None:
         size = _item_bytes(item)
         if len(self.cache) < CACHE_ITEMS and self.cache_bytes + size <= CACHE_BYTES:
             self.cache[seq] = item
+            self.sizes[seq] = size
             self.cache_bytes += size
 
     def cache_drop_through(self, through: int) -> None:
@@ -92,9 +94,8 @@ class _Queue:
         else:
             seqs = [s for s in cache if s <= through]
         for seq in seqs:
-            item = cache.pop(seq, None)
-            if item is not None:
-                self.cache_bytes -= _item_bytes(item)
+            if cache.pop(seq, None) is not None:
+                self.cache_bytes -= self.sizes.pop(seq)
 
 
 def _item_bytes(item: list[Any]) -> int:

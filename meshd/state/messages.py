@@ -475,11 +475,12 @@ def _in_inbox(store: "Store", session_id: str, message_id: str) -> bool:
 def forward(store: "Store", m: dict[str, Any], host: str) -> None:
     """Queue a stored message for the daemon that now hosts its recipient (kind "fwd":
     its origin stays the daemon it was sent through)."""
-    lane = LANES.get(m.get("priority", "normal"), 1)
+    priority = m.get("priority", "normal")
+    lane = LANES.get(priority, 1)
     seq = enqueue(store, host, lane, "fwd", m["message_id"], int(store.now() * 1000))
     if store.routed is not None:
         store.routed.append((host, lane, [seq, "fwd", _routed_payload(
-            m, m["origin"], m["hlc"], m.get("priority", "normal"))]))
+            m, m["origin"], m["hlc"], priority)]))
 
 
 def session_moved(store: "Store", session_id: str, host: str) -> int:
