@@ -57,6 +57,9 @@ class Config:
     bind: str = f"0.0.0.0:{DEFAULT_PEER_PORT}"  # peer transport (TCP); port 0 = any free one
     advertise: str = ""                   # address peers should use; "" = derived from bind
     join: tuple[str, ...] = ()            # seed peers ("host:port"), retried until they answer
+    key_file: str = ""                    # cluster key (CurveZMQ secret, `meshd --gen-key`):
+                                          # peers must hold it; all peer traffic encrypted.
+                                          # "" = no authentication, plaintext (trusted LAN)
     peer_queue: int = 256                 # frames queued per peer before new ones are dropped
     probe_interval: float = 0.5           # s between probes of one member by this node
     probe_timeout: float = 0.2            # s to wait for a direct ack before indirect probes

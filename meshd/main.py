@@ -73,6 +73,13 @@ def _setup_logging(level: str) -> None:
               envvar="MESHD_DISCOVERY_MAX_RESOLVES",
               help="mDNS names resolved at once at most (default 64); more are dropped "
                    "[env MESHD_DISCOVERY_MAX_RESOLVES].")
+@click.option("--key-file", envvar="MESHD_KEY_FILE", default=None, metavar="FILE",
+              help="Cluster key: only peers holding the same key are let in, and all peer "
+                   "traffic is encrypted (CurveZMQ). Default: none, plaintext "
+                   "[env MESHD_KEY_FILE].")
+@click.option("--gen-key", "gen_key", default=None, metavar="FILE",
+              help="Write a new random cluster key to FILE (mode 0600) and exit; copy it "
+                   "to every host of the cluster.")
 @click.option("--outbox-max-age", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
               help="How long a message may wait for its recipient's host (default 7 days); "
                    "older ones expire and are reported.")
@@ -87,10 +94,19 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
          max_frame: int | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
          cluster: str | None, interfaces: tuple[str, ...], discovery: bool,
          discovery_max_peers: int | None, discovery_max_resolves: int | None,
-         outbox_max_age: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
+         key_file: str | None, gen_key: str | None, outbox_max_age: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
+    from meshd.mesh.security import generate_key_file, load_key
 
+    if gen_key:
+        try:
+            key = generate_key_file(gen_key)
+        except MeshError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"wrote a new cluster key to {gen_key} (fingerprint {key.fingerprint}); "
+                   "give every daemon of the cluster the same file with --key-file")
+        return
     _setup_logging(log_level)
     base = Config.test() if preset == "test" else Config.lan()
     overrides: dict[str, object] = {
@@ -131,6 +147,12 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["discovery_max_resolves"] = discovery_max_resolves
     if outbox_max_age is not None:
         overrides["outbox_max_age"] = outbox_max_age
+    if key_file:
+        try:
+            load_key(key_file)
+        except MeshError as exc:
+            raise click.BadParameter(str(exc), param_hint="--key-file") from None
+        overrides["key_file"] = os.path.abspath(key_file)
     for hint, addr in [("--bind", bind), ("--advertise", advertise), *[("--join", j) for j in join]]:
         if addr:
             try:

@@ -63,6 +63,19 @@ def test_a_bad_announcement_is_ignored_with_its_reason(props, srv_port, addrs, r
     assert err.value.reason == reason
 
 
+def test_announcements_name_the_cluster_key_and_only_matching_ones_count():
+    keyed = {**GOOD, b"key": b"0123456789abcdef"}
+    assert wd.parse(keyed, 7747, ["10.1.2.3"], "default", "0123456789abcdef").node_id == NODE
+    assert wd.txt(NODE, "default", 7747, "0", 1, "0123456789abcdef")["key"] == "0123456789abcdef"
+    assert "key" not in wd.txt(NODE, "default", 7747, "0", 1)
+    for props, ours in [(keyed, ""), (GOOD, "0123456789abcdef"),
+                        ({**GOOD, b"key": b"fedcba9876543210"}, "0123456789abcdef"),
+                        ({**GOOD, b"key": b""}, "")]:
+        with pytest.raises(wd.Ignored) as err:
+            wd.parse(props, 7747, ["10.1.2.3"], "default", ours)
+        assert err.value.reason in ("key", "malformed")
+
+
 def test_cluster_names_are_checked():
     assert wd.check_cluster("team-a.prod_1") == "team-a.prod_1"
     for bad in ["", "-x", "a b", "x" * 64, "é"]:
@@ -202,16 +215,32 @@ def test_a_cut_host_is_declared_dead_and_rejoins_after_healing(lab, lan):
 @needs_lab
 def test_two_clusters_on_one_bridge_stay_apart(lan):
     nodes = lan(4, args_for=lambda i: ["--cluster", "blue" if i % 2 else "green"])
-    green, blue = nodes[0::2], nodes[1::2]
-    for pair in (green, blue):
+    stay_apart(nodes, "ignored.cluster")
+
+
+def stay_apart(nodes: list[Daemon], ignored: str) -> None:
+    """Even and odd hosts form two clusters, and each host heard the other two announce
+    and turned them down (counted as `ignored`)."""
+    pairs = (nodes[0::2], nodes[1::2])
+    for pair in pairs:
         wait_converged(pair, timeout=20)
     for d in nodes:
-        # Proof that each heard the other cluster's two announcements and turned them down.
-        eventually(lambda d=d: discovery_stats(d)["counters"].get("ignored.cluster", 0) >= 2,
-                   timeout=15, message="the other cluster's announcements ignored")
-    for pair in (green, blue):
+        eventually(lambda d=d: discovery_stats(d)["counters"].get(ignored, 0) >= 2,
+                   timeout=15, message=f"the other cluster's announcements counted {ignored}")
+    for pair in pairs:
         for d in pair:
             assert set(peer_states(d)) == {o.node_id for o in pair if o is not d}
+
+
+@needs_lab
+def test_hosts_with_another_cluster_key_or_none_stay_apart(lan, short_tmp):
+    key = short_tmp / "cluster.key"
+    subprocess.run([sys.executable, "-m", "meshd", "--gen-key", str(key)], check=True,
+                   capture_output=True, timeout=30)
+    nodes = lan(4, args_for=lambda i: ["--key-file", str(key)] if i % 2 else [])
+    stay_apart(nodes, "ignored.key")             # (turned down before any handshake)
+    for d in nodes[1::2]:
+        assert d.registry().node_info()["mesh"]["transport"]["security"]["mode"] == "curve"
 
 
 @needs_lab

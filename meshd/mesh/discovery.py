@@ -62,9 +62,10 @@ class Discovery:
     """Announce this node and report the meshd peers of our cluster heard on the LAN."""
 
     def __init__(self, config: Config, node_id: str, address: str, on_found: OnFound,
-                 on_gone: OnGone) -> None:
+                 on_gone: OnGone, key_id: str = "") -> None:
         self.config = config
         self.node_id = node_id
+        self.key_id = key_id                    # our cluster key's fingerprint, "" = none
         self.address = address                  # advertised "host:port" of the peer port
         self.on_found = on_found
         self.on_gone = on_gone
@@ -103,7 +104,7 @@ class Discovery:
         self._info = AsyncServiceInfo(
             wd.SERVICE_TYPE, wd.instance_name(self.node_id), port=port,
             properties=wd.txt(self.node_id, self.config.cluster, port, __version__,
-                              PEER_PROTOCOL_VERSION),
+                              PEER_PROTOCOL_VERSION, self.key_id),
             server=f"meshd-{self.node_id[:12]}.local.", parsed_addresses=announce)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, [wd.SERVICE_TYPE],
                                             handlers=[self._on_service])
@@ -226,7 +227,8 @@ class Discovery:
     def _heard(self, name: str, info: Any) -> None:
         try:
             props = info.properties or {}
-            ann = wd.parse(props, info.port, info.parsed_addresses(), self.config.cluster)
+            ann = wd.parse(props, info.port, info.parsed_addresses(), self.config.cluster,
+                           self.key_id)
         except wd.Ignored as exc:
             self.counters[f"ignored.{exc.reason}"] += 1
             log.info("ignoring mDNS service %s: %s", name, exc)

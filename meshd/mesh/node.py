@@ -23,6 +23,7 @@ from meshd.mesh.discovery import Discovery
 from meshd.mesh.membership import Member, Membership
 from meshd.mesh.replicator import Replicator
 from meshd.mesh.router import Router
+from meshd.mesh.security import Authenticator, load_key
 from meshd.mesh.transport import Transport
 from meshd.state import replication
 from meshd.state.store import Store
@@ -37,7 +38,15 @@ class Mesh:
     def __init__(self, config: Config, store: Store, ctx: zmq.Context) -> None:
         self.config = config
         self.store = store
-        self.transport = Transport(config, ctx, store.node_id, self._on_frame)
+        self.auth: Authenticator | None = None
+        key = None
+        if config.key_file:
+            key, readable = load_key(config.key_file)
+            if readable:
+                log.warning("the cluster key file %s can be read by any user: "
+                            "chmod 0600 (or 0640 for the meshd group)", config.key_file)
+            self.auth = Authenticator(ctx, key)
+        self.transport = Transport(config, ctx, store.node_id, self._on_frame, key)
         self.membership = Membership(config, self.transport, store.node_id, self._on_change)
         self.replicator = Replicator(config, store, self.membership, self.transport)
         self.router = Router(config, store, self.membership, self.transport)
@@ -55,7 +64,13 @@ class Mesh:
 
     async def start(self) -> None:
         self.store.up_hosts = self.membership.up_ids()
+        if self.auth is not None:
+            self.auth.start()              # before the peer port opens: see Authenticator
+            log.info("peer traffic authenticated and encrypted with cluster key %s",
+                     self.auth.key.fingerprint)
         self.transport.start()
+        if self.auth is not None and self.transport.socket is not None:
+            self.auth.watch(self.transport.socket)
         self.membership.start()
         self.replicator.start()
         self.router.start()
@@ -69,7 +84,8 @@ class Mesh:
         self._task = asyncio.get_running_loop().create_task(self._join_loop())
         if self.config.discovery:
             self.discovery = Discovery(self.config, self.store.node_id, self.address,
-                                       self.discovered, self.undiscovered)
+                                       self.discovered, self.undiscovered,
+                                       self.auth.key.fingerprint if self.auth else "")
             await self.discovery.start()
 
     async def stop(self, leave: bool = True) -> None:
@@ -97,6 +113,8 @@ class Mesh:
             # Always (an open socket would hang the context), giving a leave announcement
             # still queued a bounded moment to go out.
             self.transport.stop(linger_ms=1000 if leave else 0)
+            if self.auth is not None:
+                self.auth.stop()
 
     # --- joining ------------------------------------------------------------------------------
 
@@ -225,6 +243,8 @@ class Mesh:
                 "alive": len(self.membership.alive()),
                 "refutations": self.membership.false_refutations,
                 "wrong_node_pings": self.membership.wrong_node_pings,
-                "transport": self.transport.stats(), "replication": self.replicator.stats(),
+                "transport": self.transport.stats(),
+                "auth": dict(self.auth.counters) if self.auth is not None else None,
+                "replication": self.replicator.stats(),
                 "routing": self.router.stats(),
                 "discovery": self.discovery.stats() if self.discovery else {"state": "off"}}

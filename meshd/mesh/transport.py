@@ -19,6 +19,7 @@ import zmq
 
 from meshd.config import Config
 from meshd.errors import MeshError
+from meshd.mesh.security import ClusterKey, curve_client, curve_server
 from meshd.wire.peer import FrameType, decode, encode, frame_limit, parse_address
 
 log = logging.getLogger("meshd.mesh")
@@ -30,8 +31,10 @@ Handler = Callable[[FrameType, str, str, dict[str, Any]], None]
 
 
 class Transport:
-    def __init__(self, config: Config, ctx: zmq.Context, node_id: str, handler: Handler) -> None:
+    def __init__(self, config: Config, ctx: zmq.Context, node_id: str, handler: Handler,
+                 key: ClusterKey | None = None) -> None:
         self.config = config
+        self.key = key                        # None: plaintext, unauthenticated peers
         self.node_id = node_id
         self.handler = handler
         self.counters: Counter[str] = Counter()
@@ -55,6 +58,8 @@ class Transport:
         endpoint = f"tcp://{'[' + host + ']' if ':' in host else host}:{port or '*'}"
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
+        if self.key is not None:
+            curve_server(sock, self.key)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -73,6 +78,11 @@ class Transport:
         self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
         self._wake()
         log.info("listening for peers on %s (advertised as %s)", self.bound, self.address)
+
+    @property
+    def socket(self) -> zmq.Socket | None:
+        """The peer ROUTER (for the authenticator's handshake monitor)."""
+        return self._router
 
     def stop(self, linger_ms: int = 0) -> None:
         """Close everything; with `linger_ms`, frames still queued (a leave announcement)
@@ -130,6 +140,8 @@ class Transport:
         sock.setsockopt(zmq.SNDHWM, self.config.peer_queue)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.key is not None:
+            curve_client(sock, self.key)
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
             host = f"[{host}]"
@@ -192,7 +204,9 @@ class Transport:
 
     def stats(self) -> dict[str, Any]:
         return {"address": self.address, "bound": self.bound, "counters": dict(self.counters),
-                "connections": len(self._peers)}
+                "connections": len(self._peers),
+                "security": ({"mode": "curve", "key": self.key.fingerprint}
+                             if self.key is not None else {"mode": "none"})}
 
 
 def advertise_host(bind_host: str) -> str:

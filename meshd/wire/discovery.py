@@ -4,12 +4,13 @@ Each daemon announces one service of type ``_meshd._tcp.local.``, named after it
 whose SRV record carries the peer port and whose TXT record carries::
 
     node=<node id>  cluster=<cluster name>  proto=<peer protocol version>  port=<peer port>
-    version=<meshd version, informational>
+    version=<meshd version, informational>  [key=<cluster key fingerprint>, when keyed]
 
 Anything else on the LAN may announce the same type (another implementation, an old meshd,
 a misconfigured or hostile host), so an announcement is believed only when every field is
-present and well formed, the protocol version is one this node speaks, the cluster is ours
-and the TXT port is the SRV port. A rejected announcement raises `Ignored` with a short
+present and well formed, the protocol version is one this node speaks, the cluster is ours,
+the cluster key is ours (or both have none: a peer with another key could not complete a
+handshake anyway) and the TXT port is the SRV port. A rejected announcement raises `Ignored` with a short
 reason the caller counts; it never reaches membership.
 """
 
@@ -65,9 +66,13 @@ def instance_name(node_id: str) -> str:
     return f"{node_id}.{SERVICE_TYPE}"
 
 
-def txt(node_id: str, cluster: str, port: int, version: str, proto: int) -> dict[str, str]:
-    return {"node": node_id, "cluster": cluster, "proto": str(proto), "port": str(port),
-            "version": version}
+def txt(node_id: str, cluster: str, port: int, version: str, proto: int,
+        key: str = "") -> dict[str, str]:
+    out = {"node": node_id, "cluster": cluster, "proto": str(proto), "port": str(port),
+           "version": version}
+    if key:
+        out["key"] = key
+    return out
 
 
 def _field(props: Mapping[bytes, bytes | None], key: str) -> str:
@@ -84,7 +89,7 @@ def _field(props: Mapping[bytes, bytes | None], key: str) -> str:
 
 
 def parse(props: Mapping[bytes, bytes | None], srv_port: int | None,
-          addresses: list[str], cluster: str) -> Announcement:
+          addresses: list[str], cluster: str, key: str = "") -> Announcement:
     """Check one resolved announcement against our cluster; `Ignored` says why not."""
     if not isinstance(props, Mapping):
         raise Ignored("malformed", "no TXT record")
@@ -98,6 +103,10 @@ def parse(props: Mapping[bytes, bytes | None], srv_port: int | None,
     theirs = _field(props, "cluster")
     if theirs != cluster:
         raise Ignored("cluster", f"cluster {theirs[:63]!r}, not {cluster!r}")
+    their_key = _field(props, "key") if props.get(b"key") is not None else ""
+    if their_key != key:
+        raise Ignored("key", f"cluster key {their_key[:20] or 'none'}, "
+                             f"this node has {key or 'none'}")
     port = _field(props, "port")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise Ignored("malformed", f"port={port[:20]!r} is not a port")
