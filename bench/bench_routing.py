@@ -2,7 +2,7 @@
 """meshd routing benchmark: messages between daemons, next to a raw pyzmq relay of the same shape.
 
     python bench/bench_routing.py [--quick] [--window W] [--messages N] [--nodes 3,10]
-                                  [--preset test|lan]
+                                  [--preset test|lan] [--key]
 
 In one run on this host it measures:
   1. direct messages between two daemons, SDK to SDK: the blocking
@@ -569,6 +569,9 @@ def main() -> int:
                     help="broadcast cluster sizes, e.g. 3,10 (default 3,10; --quick 3)")
     ap.add_argument("--preset", choices=["test", "lan"], default="test",
                     help="meshd timing preset (default test)")
+    ap.add_argument("--key", action="store_true",
+                    help="give the daemons a cluster key (CurveZMQ-encrypted peer traffic), "
+                         "to see what encryption costs; the raw relay stays plaintext")
     args = ap.parse_args()
 
     if args.quick:
@@ -584,6 +587,10 @@ def main() -> int:
     raw_tp_n = tp_n * 10           # and runs about as long as meshd's in the throughput rows
 
     tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")          # short: ipc paths <= 107 bytes
+    if args.key:
+        from meshd.mesh.security import generate_key_file
+        ENV["MESHD_KEY_FILE"] = f"{tmp}/cluster.key"
+        generate_key_file(ENV["MESHD_KEY_FILE"])
     cluster = Cluster(tmp, args.preset)
     raw: RawRelay | None = None
     receivers: dict[str, Receiver] = {}
@@ -723,7 +730,8 @@ def main() -> int:
     print(f"meshd routing benchmark {time.strftime('%Y-%m-%d %H:%M')}: {os.cpu_count()} cores, "
           f"Python {sys.version.split()[0]}, pyzmq {zmq.__version__} / libzmq "
           f"{zmq.zmq_version()}, meshd {info.get('version', '?')}, preset {args.preset}, "
-          f"durability {info.get('durability', '?')}")
+          f"durability {info.get('durability', '?')}, peer traffic "
+          f"{'encrypted (cluster key)' if args.key else 'plaintext'}")
     print(f"payload: subject {SUBJECT_LEN} + body {len(BODY)} characters; raw relay payload "
           f"{RAW_LEN} bytes")
     for line in setup:
