@@ -228,6 +228,12 @@ class Replicator:
             through = after           # do not advance knowledge past dropped records
         if origin == me:
             return                     # we are the authority on our own records
+        # Catching up: ask for the next chunk now, so the peer reads and ships it while
+        # we merge this one (one chunk ahead at most; merging is idempotent, and a chunk
+        # that arrives before its predecessor took effect is handled as a gap).
+        prefetched = not dropped and body["more"] and known_now == after
+        if prefetched:
+            self._pull(reply_to, origin, through, force=True)
         try:
             with self.store.write():
                 known_before = replication.known(self.store, origin)
@@ -241,10 +247,11 @@ class Replicator:
         self.counters["records_changed"] += changed
         if dropped:
             return                    # anti-entropy asks again later, not in a tight loop
-        self._pulling.pop((reply_to, origin), None)
+        if not prefetched:
+            self._pulling.pop((reply_to, origin), None)
         if known_before < after:
             self._pull(reply_to, origin, known_before, force=True)    # fill the gap
-        elif body["more"] and known_after >= through:
+        elif body["more"] and known_after >= through and not prefetched:
             self._pull(reply_to, origin, known_after, force=True)     # next chunk
 
     # --- deletions GC ------------------------------------------------------------------------
