@@ -4,7 +4,6 @@ reach SQLite, loses none of them; a torn tail is ignored; folding twice changes 
 from __future__ import annotations
 
 import subprocess
-import threading
 import sys
 
 import pytest
@@ -149,40 +148,6 @@ def test_the_fold_thread_folds_and_checkpoints_without_reads(daemon):
     first = info["checkpoints"]
     eventually(lambda: daemon.registry().node_info()["checkpoints"] >= first + 2, timeout=10,
                message="two more checkpoints")
-
-
-def test_a_checkpoint_never_waits_for_the_loops_transaction(tmp_path):
-    """The daemon's checkpoints use a connection of their own: one runs to the end while
-    the main connection is inside a write transaction (it used to take the store's lock,
-    pausing the event loop for as long as it copied and synced, up to 200 ms)."""
-    store = Store(tmp_path, exclusive=True)
-    for i in range(20):
-        with store.write():
-            store.execute("memory.set", validate_args("memory.set", {"entry": {
-                "entry_id": f"e{i}", "type": "fact", "key": f"k{i}", "value": "x" * 2000,
-                "session_id": "s", "timestamp": "t", "ttl": None, "tags": [],
-                "metadata": {}}}))
-    db_file = tmp_path / "meshd.db"
-    before = db_file.stat().st_size
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def checkpoint() -> None:
-        try:
-            store.checkpoint()
-        except BaseException as exc:          # reported below
-            errors.append(exc)
-        done.set()
-
-    with store.write():                        # what the loop holds during a write
-        t = threading.Thread(target=checkpoint)
-        t.start()
-        finished = done.wait(10)
-    t.join(10)
-    assert finished and not errors, errors
-    assert db_file.stat().st_size > before    # the WAL's pages reached the database
-    assert store.execute("memory.stats", {})["total_entries"] == 20
-    store.close()
 
 
 def test_a_retried_set_folds_once_with_its_tags_once(tmp_path):

@@ -162,12 +162,11 @@ def connect(data_dir: str | Path, durability: str = "process",
     file (in the OS) before we answer, so kill -9 loses nothing; "fsync" uses FULL so a
     power cut loses nothing either.
 
-    `exclusive` is for the daemon, the only user of its data directory (its flock sees to
-    that): automatic checkpoints are off so that copying the WAL back into the database
-    never lands inside a client's commit; the daemon's fold thread checkpoints through a
-    connection of its own (`checkpointer`), which never stops the loop's connection. (So
-    the WAL index is in shared memory, not in EXCLUSIVE locking mode's private memory: a
-    checkpoint under bulk writes took up to 200 ms, all of it a pause of the event loop.)
+    `exclusive` is for the daemon, the only user of its data directory: the WAL index
+    lives in process memory instead of shared memory (no cross-process locking on every
+    transaction), and automatic checkpoints are off so that copying the WAL back into the
+    database never lands inside a client's commit; the daemon calls `checkpoint()` from a
+    timer instead.
     """
     path = Path(data_dir)
     try:
@@ -180,6 +179,7 @@ def connect(data_dir: str | Path, durability: str = "process",
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute(f"PRAGMA cache_size={-CACHE_KIB}")
         if exclusive:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA wal_autocheckpoint=0")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -212,20 +212,6 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 #: WAL size above which a checkpoint also truncates the file.
 TRUNCATE_WAL_ABOVE = 256 * 1024 * 1024
-
-
-def checkpointer(data_dir: str | Path, durability: str = "process") -> sqlite3.Connection:
-    """A second connection to the daemon's database, only for checkpoints: a PASSIVE
-    checkpoint copies what it can without waiting for (or stopping) the main connection's
-    readers and writers. A short busy timeout: a TRUNCATE that cannot get the database
-    soon gives up until the next time rather than hold writers back."""
-    try:
-        conn = sqlite3.connect(str(Path(data_dir) / DB_NAME), isolation_level=None,
-                               check_same_thread=False, timeout=0.2)
-        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
-        return conn
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open a checkpoint connection in {data_dir}: {exc}") from exc
 
 
 def checkpoint(conn: sqlite3.Connection, data_dir: str | Path) -> None:

@@ -56,9 +56,6 @@ class Store:
         self.lock = threading.RLock()
         self.pid = os.getpid()          # a forked child must open its own connection
         self.conn = db.connect(self.data_dir, durability, exclusive=exclusive)
-        self.durability = durability
-        self.exclusive = exclusive
-        self._ckpt_conn: sqlite3.Connection | None = None     # the fold thread's own
         # Blind writes (memory sets) go through a journal when the daemon asks for one.
         self.journal: Journal | None = None
         self.pending: list[list[Any]] = []
@@ -481,17 +478,7 @@ class Store:
         return routed
 
     def checkpoint(self) -> None:
-        """Fold the WAL into the database (the daemon's store does not do it by itself).
-        The daemon's (one caller: the fold thread) uses a connection of its own and no
-        lock, so the loop goes on reading and writing meanwhile."""
-        if self.exclusive:
-            if self._ckpt_conn is None:
-                self._ckpt_conn = db.checkpointer(self.data_dir, self.durability)
-            try:
-                db.checkpoint(self._ckpt_conn, self.data_dir)
-            except sqlite3.Error as exc:
-                raise StoreError(f"checkpoint failed: {exc}") from exc
-            return
+        """Fold the WAL into the database (the daemon's store does not do it by itself)."""
         with self.lock:
             if not self._in_tx:
                 db.checkpoint(self.conn, self.data_dir)
@@ -506,12 +493,6 @@ class Store:
             if self.journal is not None:
                 self.journal.close()
                 self.journal = None
-            if self._ckpt_conn is not None:       # (the fold thread has stopped by now)
-                try:
-                    self._ckpt_conn.close()
-                except sqlite3.Error:
-                    pass
-                self._ckpt_conn = None
             if not self._in_tx:
                 try:
                     db.checkpoint(self.conn, self.data_dir)
