@@ -185,3 +185,29 @@ def test_bad_records_are_rejected_by_validation():
                 {"kind": "session", "session_id": "s", "origin": "n1", "version": 1, "hlc": 1}]:
         with pytest.raises(InvalidArgument):
             records.record(bad)
+
+
+def test_an_entry_id_held_with_another_stamp_keeps_its_own_tags(tmp_path):
+    """The same client-made entry id set on two hosts: merging the other host's copy in a
+    run of entries (one statement per table) must not index its tags for ours."""
+    store = Store(tmp_path)
+    run(store, "memory.set", entry={"entry_id": "E", "type": "fact", "key": "k", "value": 1,
+                                    "session_id": "s", "timestamp": "t", "ttl": None,
+                                    "tags": ["x"], "metadata": {}})
+    hlc = store.conn.execute("SELECT hlc FROM memory WHERE entry_id = 'E'").fetchone()[0]
+    other = "b" * 32
+
+    def entry(eid: str, version: int, tags: list[str]) -> dict:
+        return records.record({"kind": "entry", "entry_id": eid, "key": "k2", "type": "fact",
+                               "value": eid, "session_id": "s2", "timestamp": "t", "ttl": None,
+                               "tags": tags, "metadata": {}, "origin": other,
+                               "version": version, "hlc": hlc + 1000 + version})
+    with store.write():
+        replication.apply(store, other, 0, 2, [entry("E", 1, ["y"]), entry("F", 2, ["y"])])
+    by = {t: sorted(e["entry_id"] for e in store.execute(
+        "memory.by_tags", {"tags": [t], "match_all": True})) for t in ("x", "y")}
+    assert by == {"x": ["E"], "y": ["F"]}
+    run(store, "memory.delete", key="k")
+    assert store.conn.execute("SELECT COUNT(*) FROM memory_tags WHERE entry_id = 'E'"
+                              ).fetchone()[0] == 0
+    store.close()

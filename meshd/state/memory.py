@@ -53,7 +53,7 @@ _INSERT = ("INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id
 _INSERT_TAG = "INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)"
 # Only for an entry this very fold stored: a retried set (same entry_id, new stamp) is
 # skipped by the insert above and must not leave a tag row behind.
-_INSERT_TAG_IF_STORED = ("INSERT OR IGNORE INTO memory_tags SELECT ?, hlc, entry_id FROM memory"
+INSERT_TAG_IF_STORED = ("INSERT OR IGNORE INTO memory_tags SELECT ?, hlc, entry_id FROM memory"
                          " WHERE entry_id = ? AND hlc = ?")
 _EMPTY_LIST, _EMPTY_MAP = _pack([]), _pack({})
 
@@ -94,7 +94,7 @@ def set_entries(store: "Store", stamped: list[tuple[dict[str, Any], int, int]]) 
             tags.extend((t, e["entry_id"], hlc) for t in set(e["tags"]))
     store.conn.executemany(_INSERT, rows)
     if tags:
-        store.conn.executemany(_INSERT_TAG_IF_STORED, tags)
+        store.conn.executemany(INSERT_TAG_IF_STORED, tags)
 
 
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:

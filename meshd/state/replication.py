@@ -186,9 +186,10 @@ def _merge_entries(store: "Store", run: list[dict[str, Any]]) -> int:
     store.conn.executemany(_INSERT_ENTRY, [_entry_row(r) for r in run])
     changed = store.conn.total_changes - before
     if changed:
-        # (An entry that was already here has these tag rows already: OR IGNORE.)
-        store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
-                               [(t, r["hlc"], r["entry_id"]) for r in run
+        # Tags only for the entries stored as sent: an entry id already held with another
+        # stamp (the same client id set on two hosts) keeps its own tags.
+        store.conn.executemany(memory.INSERT_TAG_IF_STORED,
+                               [(t, r["entry_id"], r["hlc"]) for r in run
                                 for t in set(r["tags"])])
     return changed
 
