@@ -147,7 +147,9 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["discovery_max_resolves"] = discovery_max_resolves
     if outbox_max_age is not None:
         overrides["outbox_max_age"] = outbox_max_age
-    if key_file:
+    if key_file is None and "MESHD_KEY_FILE" in os.environ:
+        key_file = os.environ["MESHD_KEY_FILE"]  # (click drops an empty one: refused below)
+    if key_file is not None:                     # an empty value is refused, not "no key"
         try:
             load_key(key_file)
         except MeshError as exc:

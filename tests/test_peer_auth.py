@@ -48,25 +48,31 @@ def test_gen_key_writes_a_private_key_and_never_overwrites(short_tmp: Path) -> N
                            cwd=str(ROOT))
     assert again.returncode != 0 and "not overwriting" in again.stderr
     assert path.read_text().strip() == secret
+    os.chmod(path, 0o640)                   # the socket's group must not read it: warned
+    assert load_key(str(path))[1]
 
 
 @pytest.mark.parametrize("content, expect", [
     ("short\n", "40 Z85 characters"),
     ("~" * 40 + "\n", "not a Z85-encoded key"),
+    ("Q" * 39 + "\u00e9\n", "not a Z85-encoded key"),     # not silently another key
     (None, "cannot read the cluster key file"),
+    ("", "file name is empty"),                             # MESHD_KEY_FILE= : not "no key"
 ])
 def test_a_bad_key_file_stops_the_daemon_with_a_clear_error(short_tmp: Path, content: str | None,
                                                             expect: str) -> None:
     path = short_tmp / "bad.key"
-    if content is not None:
-        path.write_text(content)
+    if content:
+        path.write_text(content, encoding="utf-8")
+    env = subprocess_env(MESHD_KEY_FILE="" if content == "" else str(path))
     out = subprocess.run([sys.executable, "-m", "meshd", "--socket", str(short_tmp / "x.sock"),
                           "--data-dir", str(short_tmp / "x-data"), "--bind", "127.0.0.1:0",
-                          "--no-discovery", "--key-file", str(path)],
-                         capture_output=True, text=True, timeout=30, env=subprocess_env(),
-                         cwd=str(ROOT))
+                          "--no-discovery"],
+                         capture_output=True, text=True, timeout=30, env=env, cwd=str(ROOT))
     assert out.returncode != 0
     assert expect in out.stderr and "--key-file" in out.stderr, out.stderr
+    if content:
+        assert content.strip() not in out.stderr            # a secret is never echoed
     assert not (short_tmp / "x.sock").exists()
 
 

@@ -43,8 +43,9 @@ class Mesh:
         if config.key_file:
             key, readable = load_key(config.key_file)
             if readable:
-                log.warning("the cluster key file %s can be read by any user: "
-                            "chmod 0600 (or 0640 for the meshd group)", config.key_file)
+                log.warning("the cluster key file %s can be read by users other than its "
+                            "owner (whoever holds the key is a member): chmod 0600",
+                            config.key_file)
             self.auth = Authenticator(ctx, key)
         self.transport = Transport(config, ctx, store.node_id, self._on_frame, key)
         self.membership = Membership(config, self.transport, store.node_id, self._on_change)
@@ -85,7 +86,8 @@ class Mesh:
         if self.config.discovery:
             self.discovery = Discovery(self.config, self.store.node_id, self.address,
                                        self.discovered, self.undiscovered,
-                                       self.auth.key.fingerprint if self.auth else "")
+                                       self.auth.key.fingerprint if self.auth else "",
+                                       self._is_up_member)
             await self.discovery.start()
 
     async def stop(self, leave: bool = True) -> None:
@@ -163,6 +165,10 @@ class Mesh:
             self.replicator.send_sync(addr, reply=True)      # now, not at the next tick
             self._seeds[addr] = (now + self.config.join_retry,
                                  min(self.config.join_retry * 2, self.config.join_retry_max))
+
+    def _is_up_member(self, node_id: str) -> bool:
+        m = self.membership.members.get(node_id)
+        return m is not None and m.up
 
     def undiscovered(self, addresses: list[str]) -> None:
         """An announcement went away: stop knocking at its addresses (unless they were

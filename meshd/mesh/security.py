@@ -57,29 +57,40 @@ def parse_key(text: str, source: str = "key") -> ClusterKey:
     if not zmq.has("curve"):
         raise InvalidArgument("this build of ZeroMQ has no CURVE support; a cluster key "
                               "cannot be used (install pyzmq's own wheel)")
-    secret = text.strip().encode("ascii", "replace")
-    if len(secret) != KEY_CHARS:
+    stripped = text.strip()
+    if len(stripped) != KEY_CHARS:
         raise InvalidArgument(f"{source}: a cluster key is {KEY_CHARS} Z85 characters on one "
-                              f"line (got {len(secret)}); make one with `meshd --gen-key FILE`")
+                              f"line (got {len(stripped)}); make one with `meshd --gen-key FILE`")
+    # (The messages never quote the text: it is a secret, even when mistyped.)
+    if not stripped.isascii() or not stripped.isprintable():
+        raise InvalidArgument(f"{source}: not a Z85-encoded key (characters outside Z85)")
+    secret = stripped.encode("ascii")
     try:
         raw = z85.decode(secret)
         public = zmq.curve_public(secret)
-    except (ValueError, KeyError, TypeError, zmq.ZMQError) as exc:
-        raise InvalidArgument(f"{source}: not a Z85-encoded key ({exc})") from None
+    except (ValueError, KeyError, TypeError, zmq.ZMQError):
+        raise InvalidArgument(f"{source}: not a Z85-encoded key (characters outside Z85)") from None
     if len(raw) != 32:
         raise InvalidArgument(f"{source}: not a 32-byte key")
     return ClusterKey(secret, public, hashlib.sha256(public).hexdigest()[:16])
 
 
 def load_key(path: str) -> tuple[ClusterKey, bool]:
-    """The key in `path`, and whether other users may read the file (worth a warning)."""
+    """The key in `path`, and whether users other than its owner may read the file (worth
+    a warning: the group that may use the daemon's socket must not read the key)."""
+    if not path or not path.strip():
+        raise InvalidArgument("the cluster key file name is empty (unset it for no key)")
     try:
         st = os.stat(path)
-        with open(path, encoding="ascii", errors="replace") as fh:
-            text = fh.read(4096)
+        with open(path, "rb") as fh:
+            data = fh.read(4096)
     except OSError as exc:
         raise InvalidArgument(f"cannot read the cluster key file {path}: {exc.strerror}") from None
-    return parse_key(text, path), bool(st.st_mode & stat.S_IROTH)
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{path}: not a Z85-encoded key (characters outside Z85)") from None
+    return parse_key(text, path), bool(st.st_mode & (stat.S_IRGRP | stat.S_IROTH))
 
 
 def generate_key_file(path: str) -> ClusterKey:
