@@ -91,6 +91,8 @@ class Config:
     discovery_max_resolves: int = 64      # names resolved at once; more are dropped (a flood)
     discovery_max_peers: int = 1024       # announcements of our cluster remembered (each is
                                           # knocked at with backoff); more are dropped
+    discovery_evict_after: float = 30.0   # s after which a remembered announcement whose node
+                                          # is not an up member may make room for a new one
     # --- routing messages between daemons ----------------------------------------------
     route_tick: float = 0.5               # s between looks at the outboxes (new ones go at once)
     route_retry: float = 1.0              # s without an ack before a run is sent again ...
@@ -114,7 +116,8 @@ class Config:
                        join_retry=0.1, reconnect_interval=0.5,
                        join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
                        tombstone_min_age=2.0, tombstone_gc_interval=1.0, route_tick=0.1,
-                       route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5)
+                       route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5,
+                       discovery_evict_after=2.0)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_(self, **overrides: object) -> "Config":

@@ -62,13 +62,15 @@ class Discovery:
     """Announce this node and report the meshd peers of our cluster heard on the LAN."""
 
     def __init__(self, config: Config, node_id: str, address: str, on_found: OnFound,
-                 on_gone: OnGone, key_id: str = "") -> None:
+                 on_gone: OnGone, key_id: str = "",
+                 is_member: Callable[[str], bool] = lambda node_id: False) -> None:
         self.config = config
         self.node_id = node_id
         self.key_id = key_id                    # our cluster key's fingerprint, "" = none
         self.address = address                  # advertised "host:port" of the peer port
         self.on_found = on_found
         self.on_gone = on_gone
+        self.is_member = is_member              # node id -> a member that is up (answered)
         self.interfaces: list[str] = []
         self.counters: Counter[str] = Counter()
         self.state = "off"
@@ -76,6 +78,7 @@ class Discovery:
         self._browser: Any = None
         self._info: Any = None
         self._names: dict[str, list[str]] = {}  # service name -> the addresses it gave
+        self._heard_at: dict[str, tuple[str, float]] = {}   # name -> (node id, first heard)
         self._tasks: set[asyncio.Task[None]] = set()
         self._resolving: set[str] = set()
         self._started = 0.0
@@ -166,6 +169,7 @@ class Discovery:
         if state_change is ServiceStateChange.Removed:
             self.counters["removed"] += 1
             gone = self._names.pop(name, None)
+            self._heard_at.pop(name, None)
             if gone:
                 log.info("announcement of %s went away (membership decides whether it is "
                          "down)", name)
@@ -184,16 +188,40 @@ class Discovery:
         """Bounds against a flood of announcements (a hostile or broken host): names being
         resolved at once, and peers of our cluster remembered (each knocked at with
         backoff). A name counts once it resolved to a well-formed announcement of our
-        cluster, whether or not anything answers at its address; it is forgotten only on
-        a goodbye or when its records expire, so a full table also turns away real peers
-        until then (they still get in through --join, or by hearing us themselves)."""
+        cluster, whether or not anything answers at its address. When the table is full,
+        the oldest entry whose node is not an up member, heard at least
+        `discovery_evict_after` ago, makes room for a new one (so announcements that
+        never answer cannot keep real peers out for good); members are never evicted."""
         return (len(self._resolving) >= self.config.discovery_max_resolves
                 or self._table_full(name))
 
     def _table_full(self, name: str) -> bool:
         """Checked again once a name resolved: a burst of announcements starts many
         resolves while the table still has room, and only some of them may take it."""
-        return name not in self._names and len(self._names) >= self.config.discovery_max_peers
+        return (name not in self._names and len(self._names) >= self.config.discovery_max_peers
+                and self._evictable() is None)
+
+    def _evictable(self) -> str | None:
+        """The oldest remembered name that never became (or is no longer) an up member
+        and is old enough to give up on; None if there is none."""
+        cutoff = time.monotonic() - self.config.discovery_evict_after
+        oldest: tuple[float, str] | None = None
+        for name, (node_id, since) in self._heard_at.items():
+            if since <= cutoff and (oldest is None or since < oldest[0]) \
+                    and not self.is_member(node_id):
+                oldest = (since, name)
+        return None if oldest is None else oldest[1]
+
+    def _make_room(self) -> None:
+        victim = self._evictable()
+        if victim is None:
+            return
+        addrs = self._names.pop(victim, [])
+        self._heard_at.pop(victim, None)
+        self.counters["evicted"] += 1
+        log.info("forgetting mDNS service %s (never answered) to make room for a new one",
+                 victim)
+        self.on_gone(addrs)
 
     async def _resolve(self, name: str) -> None:
         """Fetch SRV/TXT/A for one name (usually already cached from the announcement),
@@ -244,11 +272,15 @@ class Discovery:
         if self._table_full(name):
             self.counters["dropped.too_many"] += 1
             return
+        if name not in self._names and len(self._names) >= self.config.discovery_max_peers:
+            self._make_room()
         addrs = ann.peer_addresses()
         if self._names.get(name) != addrs:
             self.counters["found"] += 1
             log.info("found peer %s at %s over mDNS", ann.node_id[:12], ", ".join(addrs))
         self._names[name] = addrs
+        if self._heard_at.get(name, ("",))[0] != ann.node_id:
+            self._heard_at[name] = (ann.node_id, time.monotonic())
         self.on_found(ann.node_id, addrs)
 
     def stats(self) -> dict[str, Any]:
