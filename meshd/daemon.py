@@ -21,7 +21,7 @@ from meshd.errors import MeshError
 from meshd.ipc.server import IPCServer
 from meshd.mesh.node import Mesh
 from meshd.sdnotify import notify
-from meshd.state import memory
+from meshd.state import db, memory
 from meshd.state.store import Store
 from meshd.wire.ipc import PROTOCOL_VERSION
 
@@ -73,12 +73,13 @@ class Daemon:
 
     def _lock_data_dir(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(data_dir / db.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DataDirLocked(f"another meshd is using the data directory {data_dir}") from None
+            raise DataDirLocked(f"another meshd, or a program using it as a sessions "
+                                f"directory, is using the data directory {data_dir}") from None
         self._lock_fd = fd
 
     def _spawn(self, coro: Any) -> None:

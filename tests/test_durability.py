@@ -283,13 +283,32 @@ def _run_meshd(socket: str, data_dir: str, timeout: float = 20.0) -> subprocess.
         raise AssertionError(f"second meshd did not refuse within {timeout}s: {exc.stderr}")
 
 
+def test_directory_mode_and_a_daemon_never_share_a_directory(make_daemon, short_tmp):
+    """A directory-mode client (SharedMemory(path)) pointed at a running daemon's data dir
+    is refused: writing beside the daemon could shadow its journaled, acknowledged sets.
+    And a daemon does not start in a directory a directory-mode client has open."""
+    from meshd.errors import StoreError
+    from sessions import SharedMemory
+    d = make_daemon()
+    d.memory().set("s", "k", "acknowledged")
+    with pytest.raises(StoreError, match="use it through its socket"):
+        SharedMemory(d.data_dir).set("s", "k", "beside it")
+    assert d.memory().get("k") == "acknowledged"
+    d.stop()
+    assert d.restart().memory().get("k") == "acknowledged"
+    shared = short_tmp / "shared-dir"
+    SharedMemory(str(shared)).set("s", "k", 1)           # stays open in this process
+    r = _run_meshd(str(short_tmp / "third.sock"), str(shared))
+    assert r.returncode != 0 and "is using the data directory" in r.stderr, r.stderr
+
+
 def test_second_daemon_on_same_data_dir_refuses(make_daemon, short_tmp):
     d = make_daemon()
     d.registry().register("keep", "Keep", "Test")
     other_socket = str(short_tmp / "second.sock")
     r = _run_meshd(other_socket, d.data_dir)
     assert r.returncode != 0
-    assert "another meshd is using the data directory" in r.stderr, r.stderr
+    assert "is using the data directory" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.exists(other_socket)
     assert d.alive()

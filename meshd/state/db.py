@@ -11,6 +11,8 @@ with a per-session sequence number.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from meshd.errors import StoreError
 
 SCHEMA_VERSION = 3
 DB_NAME = "meshd.db"
+#: flock'ed by the daemon (exclusively) and by directory-mode stores (shared).
+LOCK_FILE = "lock"
 CACHE_KIB = 4 * 1024         # page cache per connection (RSS); the OS page cache holds the rest
 
 SCHEMA = """
@@ -162,11 +166,13 @@ def connect(data_dir: str | Path, durability: str = "process",
     file (in the OS) before we answer, so kill -9 loses nothing; "fsync" uses FULL so a
     power cut loses nothing either.
 
-    `exclusive` is for the daemon, the only user of its data directory: the WAL index
-    lives in process memory instead of shared memory (no cross-process locking on every
-    transaction), and automatic checkpoints are off so that copying the WAL back into the
-    database never lands inside a client's commit; the daemon calls `checkpoint()` from a
-    timer instead.
+    `exclusive` is for the daemon, the only user of its data directory (its flock on
+    LOCK_FILE keeps other daemons out, and directory-mode stores, which take the same lock
+    shared, see `lock_shared`): automatic checkpoints are off so that copying the WAL back
+    into the database never lands inside a client's commit; the daemon's fold thread
+    checkpoints instead, the bulk of it through a connection of its own while the loop
+    goes on (so the WAL index is in shared memory, not in EXCLUSIVE locking mode's
+    private memory, where a checkpoint under bulk writes paused the loop up to 200 ms).
     """
     path = Path(data_dir)
     try:
@@ -179,7 +185,6 @@ def connect(data_dir: str | Path, durability: str = "process",
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute(f"PRAGMA cache_size={-CACHE_KIB}")
         if exclusive:
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA wal_autocheckpoint=0")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -212,6 +217,35 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 #: WAL size above which a checkpoint also truncates the file.
 TRUNCATE_WAL_ABOVE = 256 * 1024 * 1024
+
+
+def lock_shared(data_dir: str | Path) -> int:
+    """For a directory-mode store: a shared flock on LOCK_FILE, held while it is open, so
+    it never writes under a running daemon (whose journaled, acknowledged writes it could
+    shadow) and a daemon never starts under it. Returns the fd to keep."""
+    path = Path(data_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"a meshd daemon owns {path}: use it through its socket "
+                         "(MESHD_SOCKET), not as a directory") from None
+    return fd
+
+
+def checkpointer(data_dir: str | Path, durability: str = "process") -> sqlite3.Connection:
+    """The daemon fold thread's second connection, for the bulk of each checkpoint: a
+    PASSIVE checkpoint on it copies the committed WAL frames without waiting for, or
+    stopping, the loop's connection."""
+    try:
+        conn = sqlite3.connect(str(Path(data_dir) / DB_NAME), isolation_level=None,
+                               check_same_thread=False, timeout=0.2)
+        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
+        return conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open a checkpoint connection in {data_dir}: {exc}") from exc
 
 
 def checkpoint(conn: sqlite3.Connection, data_dir: str | Path) -> None:
