@@ -5,6 +5,8 @@ new node, and hostile peer frames. Every wait is an `eventually` with a deadline
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import random
 import threading
@@ -41,6 +43,32 @@ def wait_same_state(nodes: list[Daemon], timeout: float = 30.0) -> dict[str, Any
 def mesh_counters(d: Daemon) -> dict[str, int]:
     mesh = d.registry(timeout=5).node_info()["mesh"]
     return {**mesh["transport"]["counters"], **mesh["replication"]["counters"]}
+
+
+def test_a_node_behind_two_peers_pulls_each_record_once(make_cluster, make_daemon):
+    """Both sources hold the same origin's records: the newcomer pulls them from one of
+    them, not from both at once (which doubled what a catch-up had to receive)."""
+    from sessions.aio import AsyncSharedMemory
+    a, b = make_cluster(2)
+    n = 5000
+
+    async def fill() -> None:
+        mem = AsyncSharedMemory(socket=a.socket, timeout=30)
+        sem = asyncio.Semaphore(128)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await mem.set("s", f"k{i}", {"i": i, "pad": "x" * 100})
+        await asyncio.gather(*(one(i) for i in range(n)))
+    asyncio.run(fill())
+    eventually(lambda: b.memory().get_stats()["total_entries"] == n, timeout=30,
+               message="both sources hold everything")
+    new = make_daemon("new", args=["--bind", "127.0.0.12:0", "--join", a.peer_address])
+    eventually(lambda: new.memory().get_stats()["total_entries"] == n, timeout=60,
+               message="the newcomer caught up")
+    wait_converged([a, b, new])
+    received = mesh_counters(new).get("records_in", 0)
+    assert n <= received < 1.5 * n, received
 
 
 # --- membership ------------------------------------------------------------------------------
@@ -244,17 +272,24 @@ def test_a_new_empty_node_receives_100k_entries(make_daemon, short_tmp):
     newcomer = make_daemon("new", args=["--bind", "127.0.0.31:0", "--max-frame",
                                         str(256 * 1024), "--join", source.peer_address])
     stalls = 0
+    partial: set[int] = set()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:
             source.registry(timeout=3).node_info()       # the loop keeps answering
         except Exception:
             stalls += 1
-        if newcomer.memory(timeout=10).get_stats()["total_entries"] >= 100_000:
+        have = newcomer.memory(timeout=10).get_stats()["total_entries"]
+        if have >= 100_000:
             break
+        if have:
+            partial.add(have)
         time.sleep(0.2)
     assert newcomer.memory().get_stats()["total_entries"] == 100_000
     assert stalls == 0, "the source stopped answering its clients during the transfer"
+    # The newcomer answered its own clients while it merged (peer frames yield the loop),
+    # not only once the whole transfer was through.
+    assert len(partial) >= 2, partial
     assert newcomer.memory().get("bulk/7")["i"] % 1000 == 7
     assert len(newcomer.memory().get_by_tags(["t3"])) == 10_000
     src, dst = mesh_counters(source), mesh_counters(newcomer)

@@ -55,7 +55,10 @@ class Replicator:
         self.pushed = 0                 # our own version through which we pushed
         self._push_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._pulling: dict[tuple[str, str], float] = {}   # (peer, origin) -> deadline
+        # origin -> (peer being pulled from, deadline): one pull chain per origin at a
+        # time, whichever peer it is from, so a node behind several peers that all hold
+        # an origin gets each record once, not once per peer.
+        self._pulling: dict[str, tuple[str, float]] = {}
 
     def start(self) -> None:
         with self.store.read(fold=False):
@@ -176,11 +179,15 @@ class Replicator:
                 self.counters["pulls_avoided"] += 1
 
     def _pull(self, address: str, origin: str, after: int, force: bool = False) -> None:
-        key = (address, origin)
+        """Ask `address` for `origin`'s records above `after`. Unless forced (the next
+        chunk of a chain, or a gap in it), not while a chain for that origin is under
+        way from any peer; a chain that stops answering expires after two sync rounds."""
         now = time.monotonic()
-        if not force and self._pulling.get(key, 0.0) > now:
-            return                               # one pull at a time per peer and origin
-        self._pulling[key] = now + self.config.sync_interval * 2
+        busy = self._pulling.get(origin)
+        if not force and busy is not None and busy[1] > now:
+            self.counters["pulls_deferred"] += 1
+            return
+        self._pulling[origin] = (address, now + self.config.sync_interval * 2)
         self.transport.send(address, FrameType.PULL, {"origin": origin, "after": after})
         self.counters["pulls"] += 1
 
@@ -247,8 +254,8 @@ class Replicator:
         self.counters["records_changed"] += changed
         if dropped:
             return                    # anti-entropy asks again later, not in a tight loop
-        if not prefetched:
-            self._pulling.pop((reply_to, origin), None)
+        if not prefetched and self._pulling.get(origin, ("",))[0] == reply_to:
+            del self._pulling[origin]             # this chain is done
         if known_before < after:
             self._pull(reply_to, origin, known_before, force=True)    # fill the gap
         elif body["more"] and known_after >= through and not prefetched:

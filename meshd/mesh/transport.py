@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Any, Callable
 
@@ -25,6 +26,9 @@ from meshd.wire.peer import FrameType, decode, encode, frame_limit, parse_addres
 log = logging.getLogger("meshd.mesh")
 
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+
+#: s of frame handling per loop turn at most; then other callbacks get their turn.
+DRAIN_BUDGET = 0.005
 
 #: (type, sender node id, sender's reply address, validated body)
 Handler = Callable[[FrameType, str, str, dict[str, Any]], None]
@@ -172,7 +176,12 @@ class Transport:
         self._scheduled = False
         sock = self._router
         n = 0
-        while sock is not None and n < 512 and sock.get(_EVENTS) & _POLLIN:
+        # Bounded in count and in time: merging a chunk of records takes ~20 ms, and a
+        # node catching up always has the next chunk waiting, so without a time budget
+        # its own clients (and probes) would wait for the whole catch-up.
+        until = time.monotonic() + DRAIN_BUDGET
+        while (sock is not None and n < 512 and sock.get(_EVENTS) & _POLLIN
+               and (n == 0 or time.monotonic() < until)):
             try:
                 parts = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
