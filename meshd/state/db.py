@@ -18,7 +18,7 @@ from pathlib import Path
 
 from meshd.errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "meshd.db"
 #: flock'ed by the daemon (exclusively) and by directory-mode stores (shared).
 LOCK_FILE = "lock"
@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS deletions (
     PRIMARY KEY (origin, version)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deletions_key ON deletions(key, hlc);
+CREATE INDEX IF NOT EXISTS deletions_hlc ON deletions(hlc);
 
 CREATE TABLE IF NOT EXISTS messages (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,   -- node-local arrival order
@@ -155,6 +156,7 @@ CREATE TABLE IF NOT EXISTS receipts (
 #: Changes to tables that exist already, by the schema version that introduced them.
 MIGRATIONS = {
     3: ["ALTER TABLE messages ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'"],
+    4: [],          # deletions_hlc (in SCHEMA): "is any deletion this recent?" for merges
 }
 
 
