@@ -4,7 +4,6 @@ reach SQLite, loses none of them; a torn tail is ignored; folding twice changes 
 from __future__ import annotations
 
 import subprocess
-import threading
 import sys
 
 import pytest
@@ -149,45 +148,6 @@ def test_the_fold_thread_folds_and_checkpoints_without_reads(daemon):
     first = info["checkpoints"]
     eventually(lambda: daemon.registry().node_info()["checkpoints"] >= first + 2, timeout=10,
                message="two more checkpoints")
-
-
-def test_checkpoints_copy_beside_open_transactions_and_keep_the_wal_bounded(tmp_path):
-    """The daemon's checkpoint copies the bulk of the WAL through its own connection while
-    the loop's connection is inside a write transaction (it used to hold the store lock
-    for all of it: a pause of up to 200 ms), and still lets the next write start the WAL
-    over: a checkpoint that only ran beside open transactions never would, and the WAL
-    would grow with every write."""
-    store = Store(tmp_path, exclusive=True)
-    db_file, wal = tmp_path / "meshd.db", tmp_path / "meshd.db-wal"
-    n = iter(range(10**6))
-
-    def write_batch() -> None:
-        for _ in range(25):
-            i = next(n)
-            store.execute("memory.set", validate_args("memory.set", {"entry": {
-                "entry_id": f"e{i}", "type": "fact", "key": f"k{i}", "value": "x" * 2000,
-                "session_id": "s", "timestamp": "t", "ttl": None, "tags": [],
-                "metadata": {}}}))
-
-    with store.write():
-        write_batch()
-    batch_bytes = wal.stat().st_size
-    for _ in range(12):
-        with store.write():
-            write_batch()                         # committed, not yet checkpointed
-        before = db_file.stat().st_size
-        with store.write():                       # what the loop holds during a write
-            write_batch()
-            t = threading.Thread(target=store.checkpoint)
-            t.start()
-            # The committed batches reach the database while this transaction is open.
-            eventually(lambda: db_file.stat().st_size > before, timeout=10,
-                       message="pages copied beside the open transaction")
-        t.join(10)
-        assert not t.is_alive()
-    assert wal.stat().st_size < 4 * batch_bytes, (wal.stat().st_size, batch_bytes)
-    assert store.execute("memory.stats", {})["total_entries"] == 25 * 25
-    store.close()
 
 
 def test_a_retried_set_folds_once_with_its_tags_once(tmp_path):

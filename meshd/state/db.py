@@ -168,13 +168,14 @@ def connect(data_dir: str | Path, durability: str = "process",
     file (in the OS) before we answer, so kill -9 loses nothing; "fsync" uses FULL so a
     power cut loses nothing either.
 
-    `exclusive` is for the daemon, the only user of its data directory (its flock on
-    LOCK_FILE keeps other daemons out, and directory-mode stores, which take the same lock
-    shared, see `lock_shared`): automatic checkpoints are off so that copying the WAL back
-    into the database never lands inside a client's commit; the daemon's fold thread
-    checkpoints instead, the bulk of it through a connection of its own while the loop
-    goes on (so the WAL index is in shared memory, not in EXCLUSIVE locking mode's
-    private memory, where a checkpoint under bulk writes paused the loop up to 200 ms).
+    `exclusive` is for the daemon, the only user of its data directory: the WAL index
+    lives in process memory instead of shared memory (no cross-process locking on every
+    transaction, and no other connection, of any program, can write the database while
+    the daemon has it: its journaled writes stay the only ones stamped with its origin),
+    and automatic checkpoints are off so that copying the WAL back into the database never
+    lands inside a client's commit; the daemon calls `checkpoint()` from a timer instead.
+    (Its flock on LOCK_FILE keeps other daemons and directory-mode stores out before
+    SQLite would, with a clearer error: see `lock_shared`.)
     """
     path = Path(data_dir)
     try:
@@ -187,6 +188,7 @@ def connect(data_dir: str | Path, durability: str = "process",
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute(f"PRAGMA cache_size={-CACHE_KIB}")
         if exclusive:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA wal_autocheckpoint=0")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -235,19 +237,6 @@ def lock_shared(data_dir: str | Path) -> int:
         raise StoreError(f"a meshd daemon owns {path}: use it through its socket "
                          "(MESHD_SOCKET), not as a directory") from None
     return fd
-
-
-def checkpointer(data_dir: str | Path, durability: str = "process") -> sqlite3.Connection:
-    """The daemon fold thread's second connection, for the bulk of each checkpoint: a
-    PASSIVE checkpoint on it copies the committed WAL frames without waiting for, or
-    stopping, the loop's connection."""
-    try:
-        conn = sqlite3.connect(str(Path(data_dir) / DB_NAME), isolation_level=None,
-                               check_same_thread=False, timeout=0.2)
-        conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
-        return conn
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open a checkpoint connection in {data_dir}: {exc}") from exc
 
 
 def checkpoint(conn: sqlite3.Connection, data_dir: str | Path) -> None:

@@ -41,15 +41,6 @@ Event = tuple[str | None, int, dict[str, Any]]
 Routed = tuple[str, int, list[Any]]
 
 
-#: Above this WAL size writes come faster than checkpoints copy them: the whole
-#: checkpoint runs under the store lock, which holds writers back (backpressure) instead
-#: of letting the WAL grow until a TRUNCATE checkpoint stalls them for longer.
-CHECKPOINT_ALONE_BELOW = 64 * 1024 * 1024
-#: WAL frames (pages) appended during a lock-free checkpoint pass that may be left for
-#: the pass under the store lock; more, and the lock-free pass runs again (at most 4).
-CHECKPOINT_LEFT_FRAMES = 256
-
-
 class Store:
     """The node's durable state. Not thread-safe by itself: `lock` serialises users that
     share one Store across threads (the SDK, and the daemon's loop and fold thread; see
@@ -64,18 +55,13 @@ class Store:
         self.wall = wall
         self.lock = threading.RLock()
         self.pid = os.getpid()          # a forked child must open its own connection
+        # Directory mode: never beside a running daemon (db.lock_shared).
         self._lock_fd = db.lock_shared(self.data_dir) if shared else None
         try:
             self.conn = db.connect(self.data_dir, durability, exclusive=exclusive)
         except BaseException:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
+            self._unlock()
             raise
-        self.durability = durability
-        self.exclusive = exclusive
-        self._ckpt_conn: sqlite3.Connection | None = None    # the fold thread's own
-        self._ckpt_lock = threading.Lock()
-        self._closed = False
         # Blind writes (memory sets) go through a journal when the daemon asks for one.
         self.journal: Journal | None = None
         self.pending: list[list[Any]] = []
@@ -106,7 +92,12 @@ class Store:
         self._in_tx = False
         self._loaded = False
         self._persisted = (0, 0)       # the counters as last committed to meta
-        self.node_id = self._load_identity()
+        try:
+            self.node_id = self._load_identity()
+        except BaseException:
+            self.conn.close()
+            self._unlock()
+            raise
 
     # --- identity and counters --------------------------------------------------------------
 
@@ -499,52 +490,20 @@ class Store:
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database (the daemon's store does not do it by itself).
-
-        The daemon's (its fold thread calls this) first copies what is committed through
-        a connection of its own, without the lock, while the loop goes on; then, holding
-        the lock so that no transaction is open, it copies the little committed since.
-        The second pass is what lets the next write start the WAL over: a checkpoint that
-        ends while a transaction is open never does, and the WAL would grow without end
-        under back-to-back writes. A WAL that grew large anyway (writes faster than the
-        copying) is checkpointed under the lock alone, as backpressure."""
-        if self.exclusive and self._wal_bytes() <= CHECKPOINT_ALONE_BELOW:
-            with self._ckpt_lock:
-                if self._closed:
-                    return
-                if self._ckpt_conn is None:
-                    self._ckpt_conn = db.checkpointer(self.data_dir, self.durability)
-                try:
-                    # Again while writes keep coming (bounded), so that what is left for
-                    # the pass under the lock is what one short pass lets pile up.
-                    seen = -1
-                    for _ in range(4):
-                        row = self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)"
-                                                      ).fetchone()
-                        frames = row[1] if row else -1
-                        if frames - seen <= CHECKPOINT_LEFT_FRAMES or frames < seen:
-                            break
-                        seen = frames
-                except sqlite3.Error as exc:
-                    raise StoreError(f"checkpoint failed: {exc}") from exc
+        Under the lock, on the one connection: under bulk writes this holds the loop for
+        as long as the copy and sync take (tens of ms, up to ~200 ms). A second connection
+        could copy beside the loop, but only without EXCLUSIVE locking, which is what keeps
+        every other writer out of the daemon's database (tried, and reverted: 248cba1)."""
         with self.lock:
-            if not self._in_tx and not self._closed:
+            if not self._in_tx:
                 db.checkpoint(self.conn, self.data_dir)
 
-    def _wal_bytes(self) -> int:
-        try:
-            return (self.data_dir / (db.DB_NAME + "-wal")).stat().st_size
-        except OSError:
-            return 0
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def close(self) -> None:
-        with self._ckpt_lock:                   # (after a checkpoint in progress, if any)
-            self._closed = True
-            if self._ckpt_conn is not None:
-                try:
-                    self._ckpt_conn.close()
-                except sqlite3.Error:
-                    pass
-                self._ckpt_conn = None
         with self.lock:
             if self.unfolded and not self._in_tx:
                 try:
@@ -563,7 +522,5 @@ class Store:
                 self.conn.close()
             except sqlite3.Error:
                 pass
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            self._unlock()
 
