@@ -76,6 +76,43 @@ def test_announcements_name_the_cluster_key_and_only_matching_ones_count():
         assert err.value.reason in ("key", "malformed")
 
 
+class _Resolved:
+    """What zeroconf hands `_heard` for a resolved name (input data, not the thing under
+    test)."""
+
+    def __init__(self, node: str, addr: str, port: int = 7747) -> None:
+        self.properties = {b"node": node.encode(), b"cluster": b"default", b"proto": b"1",
+                           b"port": str(port).encode()}
+        self.port = port
+        self._addr = addr
+
+    def parsed_addresses(self) -> list[str]:
+        return [self._addr]
+
+
+def test_a_full_table_evicts_the_oldest_silent_announcement_never_a_member():
+    from meshd.mesh.discovery import Discovery
+    member = "a" * 32
+    gone: list[list[str]] = []
+    disc = Discovery(Config(discovery_max_peers=2, discovery_evict_after=0.0), "f" * 32,
+                     "10.0.0.100:7747", lambda node, addrs: None, gone.append,
+                     is_member=lambda node, addrs: node == member and "10.0.0.1:7747" in addrs)
+    disc._heard("real._meshd._tcp.local.", _Resolved(member, "10.0.0.1"))
+    # A fake that copies the member's id at another address is not that member.
+    disc._heard("fake._meshd._tcp.local.", _Resolved(member, "10.0.0.9"))
+    disc._heard("new._meshd._tcp.local.", _Resolved("b" * 32, "10.0.0.2"))
+    assert sorted(disc._names) == ["new._meshd._tcp.local.", "real._meshd._tcp.local."]
+    assert gone == [["10.0.0.9:7747"]] and disc.counters["evicted"] == 1
+    # An address another announcement still gives is not given up with the evicted one.
+    disc._heard("again._meshd._tcp.local.", _Resolved("c" * 32, "10.0.0.2"))
+    assert "new._meshd._tcp.local." not in disc._names
+    assert gone[-1] == []
+    # The member itself is never evicted, however old.
+    for i in range(5):
+        disc._heard(f"x{i}._meshd._tcp.local.", _Resolved(f"{i}" * 32, f"10.0.1.{i}"))
+    assert "real._meshd._tcp.local." in disc._names and len(disc._names) == 2
+
+
 def test_cluster_names_are_checked():
     assert wd.check_cluster("team-a.prod_1") == "team-a.prod_1"
     for bad in ["", "-x", "a b", "x" * 64, "é"]:

@@ -63,14 +63,16 @@ class Discovery:
 
     def __init__(self, config: Config, node_id: str, address: str, on_found: OnFound,
                  on_gone: OnGone, key_id: str = "",
-                 is_member: Callable[[str], bool] = lambda node_id: False) -> None:
+                 is_member: Callable[[str, list[str]], bool] = lambda node_id, addrs: False
+                 ) -> None:
         self.config = config
         self.node_id = node_id
         self.key_id = key_id                    # our cluster key's fingerprint, "" = none
         self.address = address                  # advertised "host:port" of the peer port
         self.on_found = on_found
         self.on_gone = on_gone
-        self.is_member = is_member              # node id -> a member that is up (answered)
+        # (node id, announced addresses) -> an up member at one of them (it answered)
+        self.is_member = is_member
         self.interfaces: list[str] = []
         self.counters: Counter[str] = Counter()
         self.state = "off"
@@ -208,11 +210,12 @@ class Discovery:
         oldest: tuple[float, str] | None = None
         for name, (node_id, since) in self._heard_at.items():
             if since <= cutoff and (oldest is None or since < oldest[0]) \
-                    and not self.is_member(node_id):
+                    and not self.is_member(node_id, self._names.get(name, [])):
                 oldest = (since, name)
         return None if oldest is None else oldest[1]
 
-    def _make_room(self) -> None:
+    def _make_room(self, keep: list[str]) -> None:
+        """Evict one entry for a new announcement giving the addresses `keep`."""
         victim = self._evictable()
         if victim is None:
             return
@@ -221,7 +224,10 @@ class Discovery:
         self.counters["evicted"] += 1
         log.info("forgetting mDNS service %s (never answered) to make room for a new one",
                  victim)
-        self.on_gone(addrs)
+        # (Not an address another announcement still gives: a reinstalled host at the
+        # same address must go on being knocked at.)
+        still = {a for other in self._names.values() for a in other} | set(keep)
+        self.on_gone([a for a in addrs if a not in still])
 
     async def _resolve(self, name: str) -> None:
         """Fetch SRV/TXT/A for one name (usually already cached from the announcement),
@@ -272,9 +278,9 @@ class Discovery:
         if self._table_full(name):
             self.counters["dropped.too_many"] += 1
             return
-        if name not in self._names and len(self._names) >= self.config.discovery_max_peers:
-            self._make_room()
         addrs = ann.peer_addresses()
+        if name not in self._names and len(self._names) >= self.config.discovery_max_peers:
+            self._make_room(addrs)
         if self._names.get(name) != addrs:
             self.counters["found"] += 1
             log.info("found peer %s at %s over mDNS", ann.node_id[:12], ", ".join(addrs))

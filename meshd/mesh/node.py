@@ -166,9 +166,11 @@ class Mesh:
             self._seeds[addr] = (now + self.config.join_retry,
                                  min(self.config.join_retry * 2, self.config.join_retry_max))
 
-    def _is_up_member(self, node_id: str) -> bool:
+    def _is_up_member(self, node_id: str, addresses: list[str]) -> bool:
+        """An up member at one of these addresses (a fake announcement of a member's id
+        at another address does not count)."""
         m = self.membership.members.get(node_id)
-        return m is not None and m.up
+        return m is not None and m.up and m.address in addresses
 
     def undiscovered(self, addresses: list[str]) -> None:
         """An announcement went away: stop knocking at its addresses (unless they were
