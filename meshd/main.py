@@ -94,7 +94,8 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
          max_frame: int | None, bind: str | None, advertise: str | None, join: tuple[str, ...],
          cluster: str | None, interfaces: tuple[str, ...], discovery: bool,
          discovery_max_peers: int | None, discovery_max_resolves: int | None,
-         key_file: str | None, gen_key: str | None, outbox_max_age: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
+         key_file: str | None, gen_key: str | None, outbox_max_age: float | None,
+         no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
     from meshd.mesh.security import generate_key_file, load_key

@@ -47,23 +47,25 @@ def _query(store: "Store", where: str, params: tuple[Any, ...], tail: str = _NEW
     return [_row(r) for r in store.conn.execute(sql, (_now_ms(store), *params))]
 
 
-_INSERT = ("INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp, ttl,"
-           " expires_ms, tags, metadata, origin, version, hlc)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+#: Idempotent on entry_id: local sets (folded) and replicated entries (merged) alike.
+INSERT_ENTRY = ("INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp,"
+                " ttl, expires_ms, tags, metadata, origin, version, hlc)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_TAG = "INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)"
 # Only for an entry this very fold stored: a retried set (same entry_id, new stamp) is
 # skipped by the insert above and must not leave a tag row behind.
 INSERT_TAG_IF_STORED = ("INSERT OR IGNORE INTO memory_tags SELECT ?, hlc, entry_id FROM memory"
-                         " WHERE entry_id = ? AND hlc = ?")
+                        " WHERE entry_id = ? AND hlc = ?")
 _EMPTY_LIST, _EMPTY_MAP = _pack([]), _pack({})
 
 
-def _entry_row(store: "Store", e: dict[str, Any], version: int, hlc: int) -> tuple[Any, ...]:
+def entry_row(e: dict[str, Any], origin: str, version: int, hlc: int) -> tuple[Any, ...]:
+    """The INSERT_ENTRY parameters of entry `e` stamped (origin, version, hlc)."""
     expires = None if e["ttl"] is None else physical_ms(hlc) + int(e["ttl"] * 1000)
     tags, meta = e["tags"], e["metadata"]
     return (e["entry_id"], e["key"], e["type"], _pack(e["value"]), e["session_id"],
             e["timestamp"], e["ttl"], expires, _pack(tags) if tags else _EMPTY_LIST,
-            _pack(meta) if meta else _EMPTY_MAP, store.node_id, version, hlc)
+            _pack(meta) if meta else _EMPTY_MAP, origin, version, hlc)
 
 
 def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
     large value back would cost both sides on every set."""
     e = a["entry"]
     version, hlc = store.stamp()
-    cur = store.conn.execute(_INSERT, _entry_row(store, e, version, hlc))
+    cur = store.conn.execute(INSERT_ENTRY, entry_row(e, store.node_id, version, hlc))
     if cur.rowcount == 0:               # a retry of a set we already stored
         store.version -= 1
         return {"entry_id": e["entry_id"]}
@@ -89,10 +91,10 @@ def set_entries(store: "Store", stamped: list[tuple[dict[str, Any], int, int]]) 
     rows, tags = [], []
     for a, version, hlc in stamped:
         e = a["entry"]
-        rows.append(_entry_row(store, e, version, hlc))
+        rows.append(entry_row(e, store.node_id, version, hlc))
         if e["tags"]:
             tags.extend((t, e["entry_id"], hlc) for t in set(e["tags"]))
-    store.conn.executemany(_INSERT, rows)
+    store.conn.executemany(INSERT_ENTRY, rows)
     if tags:
         store.conn.executemany(INSERT_TAG_IF_STORED, tags)
 

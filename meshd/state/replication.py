@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from meshd.state import memory, messages
-from meshd.state.hlc import physical_ms
 
 if TYPE_CHECKING:
     from meshd.state.store import Store
@@ -150,22 +149,14 @@ def _covered(store: "Store", r: dict[str, Any]) -> bool:
         (r["key"], r["session_id"], r["hlc"])).fetchone() is not None
 
 
-_INSERT_ENTRY = ("INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, "
-                 "timestamp, ttl, expires_ms, tags, metadata, origin, version, hlc) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
 def _entry_row(r: dict[str, Any]) -> tuple[Any, ...]:
-    expires = None if r["ttl"] is None else physical_ms(r["hlc"]) + int(r["ttl"] * 1000)
-    return (r["entry_id"], r["key"], r["type"], _pack(r["value"]), r["session_id"],
-            r["timestamp"], r["ttl"], expires, _pack(r["tags"]), _pack(r["metadata"]),
-            r["origin"], r["version"], r["hlc"])
+    return memory.entry_row(r, r["origin"], r["version"], r["hlc"])
 
 
 def _merge_entry(store: "Store", r: dict[str, Any]) -> int:
     if _covered(store, r):
         return 0
-    cur = store.conn.execute(_INSERT_ENTRY, _entry_row(r))
+    cur = store.conn.execute(memory.INSERT_ENTRY, _entry_row(r))
     if cur.rowcount == 0:
         return 0
     if r["tags"]:
@@ -183,7 +174,7 @@ def _merge_entries(store: "Store", run: list[dict[str, Any]]) -> int:
                                            (oldest,)).fetchone() is not None:
         return sum(_merge_entry(store, r) for r in run)
     before = store.conn.total_changes
-    store.conn.executemany(_INSERT_ENTRY, [_entry_row(r) for r in run])
+    store.conn.executemany(memory.INSERT_ENTRY, [_entry_row(r) for r in run])
     changed = store.conn.total_changes - before
     if changed:
         # Tags only for the entries stored as sent: an entry id already held with another
