@@ -22,6 +22,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED_README = ROOT.parent / "shared" / "seed-README.md"
 
 
+def _runs_from_checkout() -> bool:
+    """True when `meshd` is imported from this tree (editable install, `python -m pytest`
+    from the root); False when the tests exercise an installed wheel, as CI does."""
+    import importlib.util
+    spec = importlib.util.find_spec("meshd")
+    # (.venv may sit inside the checkout: compare with the tree's own file, not the prefix.)
+    return bool(spec and spec.origin
+                and Path(spec.origin).resolve() == ROOT / "meshd" / "__init__.py")
+
+
+FROM_CHECKOUT = _runs_from_checkout()
+# Children run from outside the checkout, so `python -m meshd` finds the installed package,
+# never the tree's copy through the current directory.
+CHILD_CWD = tempfile.gettempdir()
+
+
 def eventually(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> Any:
     """Poll `pred` until it returns something truthy or the deadline passes."""
@@ -41,12 +57,14 @@ def eventually(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for child processes: the project importable even without install."""
+    """The environment for child processes: the code under test the tests import too (the
+    checkout when run from it, else the installed wheel, never mixed)."""
     env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "sdk")]
+    paths = [str(ROOT), str(ROOT / "sdk")] if FROM_CHECKOUT else []
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     env.pop("MESHD_SOCKET", None)
     # A daemon a test starts with defaults listens for peers on loopback, on a free port.
     env["MESHD_BIND"] = "127.0.0.1:0"
@@ -78,7 +96,7 @@ class Daemon:
                self.data_dir, "--preset", "test", "--log-level", "info", *net, *self.args]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=subprocess_env(),
-                                     cwd=str(ROOT))
+                                     cwd=CHILD_CWD)
         log.close()
         self.wait_ready(timeout)
         info = self.registry(timeout=5).node_info()
@@ -209,7 +227,7 @@ def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 30.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m sessions ARGS` as a user would."""
-    return subprocess.run([sys.executable, "-m", "sessions", *args], env=env, cwd=str(ROOT),
+    return subprocess.run([sys.executable, "-m", "sessions", *args], env=env, cwd=CHILD_CWD,
                           capture_output=True, text=True, timeout=timeout, input=input)
 
 

@@ -22,7 +22,7 @@ from unittest import mock
 
 import pytest
 
-from conftest import ROOT, eventually, run_cli, subprocess_env
+from conftest import CHILD_CWD, eventually, run_cli, subprocess_env
 from sessions import MemoryType, MessageType, SessionStatus
 from sessions.cli import main
 
@@ -621,7 +621,7 @@ class Watcher:
     def __init__(self, daemon, *args: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sessions", "watch", *args],
-            env=daemon.env(PYTHONUNBUFFERED="1"), cwd=str(ROOT), stdout=subprocess.PIPE,
+            env=daemon.env(PYTHONUNBUFFERED="1"), cwd=CHILD_CWD, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, encoding="utf-8", bufsize=1)
         self.lines: list[str] = []
         self.err = ""

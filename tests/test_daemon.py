@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Daemon, eventually, subprocess_env
+from conftest import Daemon, eventually, subprocess_env
 from meshd.config import candidate_socket_paths, default_data_dir, default_socket_path
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, eventually, subprocess_env
+from conftest import CHILD_CWD, eventually, subprocess_env
 from meshd.state import Store
 from meshd.state.journal import Journal
 from meshd.wire.ipc import validate_args
@@ -58,7 +58,7 @@ os._exit(0)                      # the last 20 are in the journal alone
 
 def test_finishing_a_fold_keeps_writes_logged_meanwhile(tmp_path):
     r = subprocess.run([sys.executable, "-c", FOLD_THEN_CRASH, str(tmp_path)],
-                       env=subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
+                       env=subprocess_env(), cwd=CHILD_CWD, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     store = Store(tmp_path, exclusive=True)
@@ -70,7 +70,7 @@ def test_finishing_a_fold_keeps_writes_logged_meanwhile(tmp_path):
 
 def crash_with_journaled_sets(data_dir, n: int, hand_off_at: int = -1) -> int:
     r = subprocess.run([sys.executable, "-c", CRASHER, str(data_dir), str(n), str(hand_off_at)],
-                       env=subprocess_env(), cwd=str(ROOT), capture_output=True, text=True,
+                       env=subprocess_env(), cwd=CHILD_CWD, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     return int(r.stdout)

@@ -70,8 +70,8 @@ def test_systemd_unit_verifies():
     assert "Type=notify" in text and "StateDirectory=meshd" in text
     assert "RuntimeDirectory=meshd" in text and "Restart=on-failure" in text
     r = run(tool, "verify", str(unit))
-    # verify checks ExecStart's binary exists; a machine without `pip install .` to
-    # /usr/local lacks it, which says nothing about the unit itself.
+    # verify checks ExecStart's binary exists; a machine without the install of
+    # docs/systemd.md lacks it, which says nothing about the unit itself.
     problems = [line for line in (r.stdout + r.stderr).splitlines()
-                if line.strip() and "/usr/local/bin/meshd" not in line]
+                if line.strip() and "/opt/meshd/venv/bin/meshd" not in line]
     assert not problems, "\n".join(problems)

@@ -17,7 +17,7 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from conftest import ROOT, Daemon, eventually, peer_states, subprocess_env, wait_converged
+from conftest import CHILD_CWD, Daemon, eventually, peer_states, subprocess_env, wait_converged
 from meshd.mesh.security import load_key
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE")
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no
 def gen_key(path: Path) -> str:
     out = subprocess.run([sys.executable, "-m", "meshd", "--gen-key", str(path)],
                          capture_output=True, text=True, timeout=30, env=subprocess_env(),
-                         cwd=str(ROOT))
+                         cwd=CHILD_CWD)
     assert out.returncode == 0, out.stderr
     return path.read_text().strip()
 
@@ -45,7 +45,7 @@ def test_gen_key_writes_a_private_key_and_never_overwrites(short_tmp: Path) -> N
     assert not readable and len(key.fingerprint) == 16
     again = subprocess.run([sys.executable, "-m", "meshd", "--gen-key", str(path)],
                            capture_output=True, text=True, timeout=30, env=subprocess_env(),
-                           cwd=str(ROOT))
+                           cwd=CHILD_CWD)
     assert again.returncode != 0 and "not overwriting" in again.stderr
     assert path.read_text().strip() == secret
     os.chmod(path, 0o640)                   # the socket's group must not read it: warned
@@ -68,7 +68,7 @@ def test_a_bad_key_file_stops_the_daemon_with_a_clear_error(short_tmp: Path, con
     out = subprocess.run([sys.executable, "-m", "meshd", "--socket", str(short_tmp / "x.sock"),
                           "--data-dir", str(short_tmp / "x-data"), "--bind", "127.0.0.1:0",
                           "--no-discovery"],
-                         capture_output=True, text=True, timeout=30, env=env, cwd=str(ROOT))
+                         capture_output=True, text=True, timeout=30, env=env, cwd=CHILD_CWD)
     assert out.returncode != 0
     assert expect in out.stderr and "--key-file" in out.stderr, out.stderr
     if content:

@@ -1,0 +1,1 @@
+"""Layer 3: peer transport, SWIM membership, gossip and anti-entropy, routing, discovery."""
