@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from sessions import InvalidArgument, MemoryType, MessageType, NotFound
+from sessions import InvalidArgument, MemoryType, MessageType
 from sessions.aio import AsyncCollaborationHub, AsyncSessionRegistry, AsyncSharedMemory
 
 
@@ -42,8 +42,8 @@ def test_async_calls_mirror_the_blocking_api(where):
             assert [x.message_id for x in await hub.get_conversation(m.message_id)] == [
                 m.message_id, r.message_id]
             assert len(await hub.get_messages("b")) == 1
-            with pytest.raises(NotFound):
-                await hub.send("a", "nobody", "request", "s", "b")
+            w = await hub.send("a", "nobody", "request", "s", "b")   # waits for "nobody"
+            assert (await hub.get_message_status(w.message_id))["state"] == "waiting"
             e = await mem.set("a", "k", {"v": 1}, type=MemoryType.FACT, tags=["t"])
             assert e.type is MemoryType.FACT and await mem.get("k") == {"v": 1}
             assert [x.key for x in await mem.get_by_tags(["t"])] == ["k"]

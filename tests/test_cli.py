@@ -116,7 +116,7 @@ def test_subprocess_exit_codes_0_1_2(daemon):
     assert r.stdout.strip() == "✅ Registered session: cece-001 (Cece, Claude)"
     assert daemon.registry().get("cece-001").human_user == "Alexa"
 
-    r = run_cli(["send", "cece-001", "nobody", "s", "b"], env)
+    r = run_cli(["ping", "nobody"], env)
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("❌") and "nobody" in lines[0], r.stderr
@@ -306,7 +306,6 @@ def test_send_with_type_and_data(daemon):
     assert r.lines[0].startswith("✅ Sent: ❓ ")
 
     before = hub.get_stats()["total_messages"]
-    assert_one_error_line(on(daemon, "send", "cece-001", "nobody", "s", "b"), 1, "nobody")
     for bad in (["--type", "bogus"], ["--data", "{not json"], ["--data", "[1, 2]"],
                 ["--data", '"str"']):
         assert_usage_error(on(daemon, "send", "cece-001", "agent-002", "s", "b", *bad))
@@ -591,7 +590,7 @@ def test_directory_mode_every_command(short_tmp):
     at("memory-set", "a", "k", '{"n": 1}', "--tags", "t")
     assert at("memory-get", "k").out == '✅ Value: {"n": 1}\n'
     at("memory-get", "missing", code=1)
-    at("send", "a", "nobody", "s", "b", code=1)
+    assert "waits" in at("send", "a", "nobody", "s", "b").out     # accepted: it waits
 
     reg, hub, mem = SessionRegistry(d), CollaborationHub(messages_path=d), SharedMemory(d)
     assert json.loads(at("list", "--json").out) == [s.to_dict() for s in reg.list_sessions()]

@@ -17,7 +17,6 @@ from sessions import (
     MemoryType,
     Message,
     MessageType,
-    NotFound,
     Session,
     SessionRegistry,
     SessionStatus,
@@ -229,8 +228,6 @@ def test_unread_and_mark_read(api):
 
 def test_send_errors(api):
     _two(api)
-    with pytest.raises(NotFound):
-        api.hub.send("cece-001", "nobody", MessageType.REQUEST, "s", "b")
     with pytest.raises(InvalidArgument):
         api.hub.send("cece-001", "agent-002", "not-a-type", "s", "b")
     with pytest.raises(InvalidArgument):

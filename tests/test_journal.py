@@ -171,17 +171,20 @@ def test_a_retried_set_folds_once_with_its_tags_once(tmp_path):
     store.close()
 
 
-def test_a_send_to_a_forgotten_session_is_refused_again(daemon):
-    """The daemon remembers which recipients exist to answer sends from the journal; a
-    session forgotten by clear_offline must be unknown again at once."""
-    from meshd.errors import NotFound
+def test_a_send_to_a_forgotten_session_waits_for_it_again(daemon):
+    """Sends are answered from the journal; a session forgotten by clear_offline is
+    unknown again at once: a send to it waits until the id registers again."""
     reg, hub = daemon.registry(), daemon.hub()
     reg.register("from", "F", "T")
     reg.register("gone", "G", "T")
-    hub.send("from", "gone", "notification", "one", "body")
+    one = hub.send("from", "gone", "notification", "one", "body")
     reg.unregister("gone")
     hub.send("from", "gone", "notification", "two", "kept for an offline session")
     assert reg.clear_offline() >= 1
-    with pytest.raises(NotFound):
-        hub.send("from", "gone", "notification", "three", "body")
-    assert [m.subject for m in hub.get_messages("gone")] == ["one", "two"]
+    three = hub.send("from", "gone", "notification", "three", "body")
+    assert hub.get_message_status(three.message_id)["state"] == "waiting"
+    assert hub.get_message_status(one.message_id)["state"] == "stored"
+    assert [m.subject for m in hub.get_messages("gone")] == ["one", "two", "three"]
+    reg.register("gone", "G", "T")
+    assert hub.get_message_status(three.message_id)["state"] == "stored"
+    assert [m.subject for m in hub.get_messages("gone")] == ["one", "two", "three"]

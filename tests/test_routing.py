@@ -73,11 +73,10 @@ def test_direct_broadcast_threads_and_receipts_across_hosts(make_cluster):
     hub_c.ping_session("c1", "a")
     eventually(lambda: "ping" in [x.type.value for x in hub_a.get_messages("a")],
                timeout=10, message="the ping")
-    from meshd.errors import NotFound
-    with pytest.raises(NotFound):
-        hub_a.send("a", "nobody", "request", "x", "y")
+    w = hub_a.send("a", "nobody", "request", "x", "y")       # waits for "nobody"
+    assert hub_a.get_message_status(w.message_id)["state"] == "waiting"
     sent = hub_a.get_sent("a")
-    assert [s["message"].subject for s in sent] == ["question", "all hands"]
+    assert [s["message"].subject for s in sent] == ["question", "all hands", "x"]
     assert sent[0]["state"] == "read"
     r = run_cli(["--socket", nodes[0].socket, "messages", "a", "--sent"], env=nodes[0].env())
     assert r.returncode == 0 and "read" in r.stdout and "question" in r.stdout, r.stdout

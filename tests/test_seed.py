@@ -587,10 +587,14 @@ def run_synopsis(block: Block, daemon: Any) -> None:
 
     # a deliberately unknown session / key: a one-line error and exit 1, no traceback
     for argv in (["ping", "nobody-999"], ["status", "nobody-999", "working"],
-                 ["send", "cece-001", "nobody-999", "s", "b"], ["memory-get", "no_such_key"]):
+                 ["memory-get", "no_such_key"]):
         r = run_cli(argv, env, timeout=RUN_TIMEOUT)
         assert r.returncode == 1, (argv, r.returncode, r.stdout, r.stderr)
         assert "❌" in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+    # ... but a send to an id nobody registered yet is accepted and says it waits (the
+    # seed's store accepted it too)
+    r = run_cli(["send", "cece-001", "nobody-999", "s", "b"], env, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and "waits" in r.stdout, (r.stdout, r.stderr)
 
 
 # --- the tests ------------------------------------------------------------------------------------

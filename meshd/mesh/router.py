@@ -409,6 +409,11 @@ class Router:
         with self.store.write(keeps_routes=True):
             gone = messages.expire_outbox(self.store, int(self.config.outbox_max_age * 1000),
                                           self.config.outbox_max)
+            unclaimed = messages.expire_waiting(self.store, int(self.config.outbox_max_age * 1000))
+        for mid, to in unclaimed:
+            self.counters["expired_waiting"] += 1
+            log.warning("message %s to %s expired: no session with that id registered "
+                        "within the outbox's age limit", mid, to)
         for dest in {d for _, d, _ in gone}:
             # What is cached or in flight for it may include expired items: start over
             # from the outbox.
@@ -422,7 +427,7 @@ class Router:
             self.counters["expired"] += 1
             log.warning("message %s %s node %s expired in the outbox (undelivered)", mid,
                         "forwarded to" if kind == "fwd" else "to", dest[:12])
-        return len(gone)
+        return len(gone) + len(unclaimed)
 
     def stats(self) -> dict[str, Any]:
         with self.store.read(fold=False):

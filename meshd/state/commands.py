@@ -14,8 +14,22 @@ if TYPE_CHECKING:
 
 Handler = Callable[["Store", dict[str, Any]], Any]
 
+
+def _register(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
+    """Register here; messages that waited for this id here are now in its inbox."""
+    session = sessions.register(store, a)
+    messages.release_waiting(store, a["session_id"], store.node_id)
+    return session
+
+
+def _import(store: "Store", a: dict[str, Any]) -> bool:
+    changed = sessions.import_session(store, a)
+    if changed:
+        messages.release_waiting(store, a["session"]["session_id"], store.node_id)
+    return changed
+
 HANDLERS: dict[str, Handler] = {
-    "session.register": sessions.register,
+    "session.register": _register,
     "session.unregister": sessions.unregister,
     "session.ping": sessions.ping,
     "session.get": sessions.get,
@@ -24,6 +38,7 @@ HANDLERS: dict[str, Handler] = {
     "session.find": sessions.find,
     "session.stats": sessions.stats,
     "session.clear_offline": sessions.clear_offline,
+    "session.import": _import,
     "message.send": messages.send,
     "message.list": messages.list_inbox,
     "message.conversation": messages.conversation,

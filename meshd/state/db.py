@@ -18,7 +18,7 @@ from pathlib import Path
 
 from meshd.errors import StoreError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DB_NAME = "meshd.db"
 #: flock'ed by the daemon (exclusively) and by directory-mode stores (shared).
 LOCK_FILE = "lock"
@@ -151,12 +151,20 @@ CREATE TABLE IF NOT EXISTS receipts (
     message_id TEXT NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, at_ms INTEGER NOT NULL,
     PRIMARY KEY (message_id, node)
 ) WITHOUT ROWID;
+-- Direct messages sent from here to a session id no daemon knows yet (the seed's store
+-- accepted them). They sit in that id's inbox here, read as "waiting", and go to the
+-- daemon where the id registers (or stay, if it registers here), once; or expire.
+CREATE TABLE IF NOT EXISTS waiting (
+    message_id TEXT PRIMARY KEY, to_session TEXT NOT NULL, queued_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS waiting_to ON waiting(to_session);
 """
 
 #: Changes to tables that exist already, by the schema version that introduced them.
 MIGRATIONS = {
     3: ["ALTER TABLE messages ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'"],
     4: [],          # deletions_hlc (in SCHEMA): "is any deletion this recent?" for merges
+    5: [],          # waiting (in SCHEMA): messages to session ids nobody has registered yet
 }
 
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from meshd.errors import NotFound
 from meshd.state import sessions
 from meshd.wire.schema import MessageType
 
@@ -25,7 +24,7 @@ MAX_THREAD_DEPTH = 10_000
 
 #: Outbox lanes: high-priority items overtake queued normal ones.
 LANES = {"high": 0, "normal": 1}
-_STATE_RANK = {"queued": 0, "stored": 1, "read": 2}
+_STATE_RANK = {"waiting": -1, "queued": 0, "stored": 1, "read": 2}
 
 
 def _row(r: tuple[Any, ...]) -> dict[str, Any]:
@@ -49,11 +48,6 @@ def _route(store: "Store", m: dict[str, Any]) -> tuple[list[str], list[str]]:
     hosts = [r[0] for r in store.conn.execute(
         "SELECT DISTINCT host FROM sessions WHERE deleted = 0 AND host != ?", (me,))]
     return local, hosts
-
-
-def check_recipient(store: "Store", m: dict[str, Any]) -> None:
-    if m["to_session"] is not None and not sessions.exists(store, m["to_session"]):
-        raise NotFound(f"unknown session: {m['to_session']}")
 
 
 def plan(store: "Store", a: dict[str, Any], hlc: int) -> list[Routed]:
@@ -105,13 +99,12 @@ def _remote_hosts(store: "Store", to_session: str | None) -> tuple[str, ...]:
 def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str, Any]:
     """Store a message, put it in the inboxes of its local recipients (every local session
     but the sender for a broadcast) and queue it for the daemons hosting the others (as
-    `plan` decided when it was journaled, if it was). A direct message to an unknown
-    session is an error. The answer is the id, how many local inboxes got it and how many
-    daemons it was queued for (0, 0 for a retry)."""
+    `plan` decided when it was journaled, if it was). A direct message to a session id
+    no daemon knows yet waits in that id's inbox here (see `release_waiting`). The answer
+    is the id, how many local inboxes got it, how many daemons it was queued for (0, 0
+    for a retry) and whether it waits for its recipient."""
     m = a["message"]
     planned = a.get("_routes")
-    if planned is None:          # (planned: checked when journaled, and sessions change
-        check_recipient(store, m)  # only in writes that fold every journaled send first)
     hlc = store.hlc.now() if hlc is None else hlc
     priority = m.get("priority", "normal")
     cur = _insert(store, m, store.node_id, hlc, priority)
@@ -135,6 +128,11 @@ def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str,
             local = [sid for sid in sessions.local_ids(store) if sid != m["from_session"]]
     for sid in local:
         _to_inbox(store, sid, m)
+    waiting = (m["to_session"] is not None and local == [m["to_session"]]
+               and not sessions.exists(store, m["to_session"]))
+    if waiting:
+        store.conn.execute("INSERT OR IGNORE INTO waiting VALUES (?, ?, ?)",
+                           (m["message_id"], m["to_session"], now_ms))
     payload = None
     for host, lane, planned_seq in remote:
         seq = enqueue(store, host, lane, "msg", m["message_id"], now_ms, planned_seq)
@@ -144,7 +142,8 @@ def send(store: "Store", a: dict[str, Any], hlc: int | None = None) -> dict[str,
             if payload is None:
                 payload = _routed_payload(m, store.node_id, hlc, priority)
             store.routed.append((host, lane, [seq, "msg", payload]))
-    return {"message_id": m["message_id"], "delivered": len(local), "queued": len(remote)}
+    return {"message_id": m["message_id"], "delivered": 0 if waiting else len(local),
+            "queued": len(remote), "waiting": waiting}
 
 
 def _routed_payload(m: dict[str, Any], origin: str, hlc: int, priority: str) -> dict[str, Any]:
@@ -503,6 +502,50 @@ def session_moved(store: "Store", session_id: str, host: str) -> int:
     return len(rows)
 
 
+def release_waiting(store: "Store", session_id: str, host: str | None) -> int:
+    """A session `session_id` became known, hosted by `host`: the messages that waited
+    for it here are delivered once. Hosted here, they are in its inbox already; hosted
+    elsewhere, they leave this inbox and go there as ordinary routed messages (from
+    this daemon, their origin), in the order they were sent. How many were released."""
+    rows = store.conn.execute(
+        f"SELECT {_COLS}, m.hlc FROM waiting w JOIN messages m ON m.message_id = w.message_id "
+        f"JOIN inbox i ON i.message_id = w.message_id AND i.session_id = w.to_session "
+        f"WHERE w.to_session = ? ORDER BY i.seq", (session_id,)).fetchall()
+    if not rows:
+        return 0
+    if host is not None and host != store.node_id:
+        now_ms = int(store.now() * 1000)
+        for r in rows:
+            m = _row(r[:10])
+            lane = LANES.get(m["priority"], 1)
+            seq = enqueue(store, host, lane, "msg", m["message_id"], now_ms)
+            store.conn.execute("INSERT OR REPLACE INTO receipts VALUES (?, ?, 'queued', ?)",
+                               (m["message_id"], host, now_ms))
+            if store.routed is not None:
+                store.routed.append((host, lane, [seq, "msg", _routed_payload(
+                    m, store.node_id, r[10], m["priority"])]))
+        store.conn.execute("DELETE FROM inbox WHERE session_id = ? AND message_id IN "
+                           "(SELECT message_id FROM waiting WHERE to_session = ?)",
+                           (session_id, session_id))
+    store.conn.execute("DELETE FROM waiting WHERE to_session = ?", (session_id,))
+    return len(rows)
+
+
+def expire_waiting(store: "Store", max_age_ms: int) -> list[tuple[str, str]]:
+    """Give up on messages that waited longer than `max_age_ms` for their recipient to
+    register: they leave its inbox here and read as expired. (message_id, to_session)
+    for each, to be reported."""
+    now_ms = int(store.now() * 1000)
+    doomed = store.conn.execute("SELECT message_id, to_session FROM waiting WHERE queued_ms < ?",
+                                (now_ms - max_age_ms,)).fetchall()
+    for mid, to in doomed:
+        store.conn.execute("DELETE FROM inbox WHERE session_id = ? AND message_id = ?", (to, mid))
+        store.conn.execute("DELETE FROM waiting WHERE message_id = ?", (mid,))
+        store.conn.execute("INSERT OR REPLACE INTO receipts VALUES (?, '', 'expired', ?)",
+                           (mid, now_ms))
+    return [(mid, to) for mid, to in doomed]
+
+
 # --- what the sender can see ---------------------------------------------------------------------
 
 def status(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:
@@ -516,12 +559,21 @@ def status(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _with_status(store: "Store", m: dict[str, Any]) -> dict[str, Any]:
-    states = [{"node": n, "state": st, "at_ms": at} for n, st, at in store.conn.execute(
+    """Receipts per daemon; "waiting" while no daemon knows the recipient (node None), and
+    "expired" with node None when it waited too long."""
+    states = [{"node": n or None, "state": st, "at_ms": at} for n, st, at in store.conn.execute(
         "SELECT node, state, at_ms FROM receipts WHERE message_id = ? ORDER BY node",
         (m["message_id"],))]
+    wait = store.conn.execute("SELECT to_session, queued_ms FROM waiting WHERE message_id = ?",
+                              (m["message_id"],)).fetchone()
+    if wait is not None:
+        states.append({"node": None, "session_id": wait[0], "state": "waiting",
+                       "at_ms": wait[1]})
     for sid, read in store.conn.execute(
             "SELECT session_id, read FROM inbox WHERE message_id = ? ORDER BY session_id",
             (m["message_id"],)):
+        if wait is not None and sid == wait[0]:
+            continue
         states.append({"node": store.node_id, "session_id": sid,
                        "state": "read" if read else "stored", "at_ms": None})
     ranks = [_STATE_RANK.get(s["state"], -1) for s in states]

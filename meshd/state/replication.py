@@ -134,9 +134,9 @@ def _merge_session(store: "Store", r: dict[str, Any]) -> int:
     if (row is not None and row[2] == me and not row[3] and not r["deleted"]
             and r["host"] is not None and r["host"] != me):
         messages.session_moved(store, r["session_id"], r["host"])    # unread ones follow
-    if r["deleted"]:
-        store.forget_sessions()
-    else:
+    if not r["deleted"]:
+        if row is None or row[3]:        # newly known here: what waited for it goes to it
+            messages.release_waiting(store, r["session_id"], r["host"])
         store.conn.executemany("INSERT OR IGNORE INTO session_caps VALUES (?, ?)",
                                [(cap, r["session_id"]) for cap in r["capabilities"]])
     return 1

@@ -75,6 +75,37 @@ def register(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
     return get(store, {"session_id": a["session_id"]})  # type: ignore[return-value]
 
 
+def import_session(store: "Store", a: dict[str, Any]) -> bool:
+    """Keep a session as another store had it (its status and times), hosted here:
+    added when unknown (or forgotten), replaced only by a later last_ping, so importing
+    the same record twice changes nothing. True when it changed something."""
+    s = a["session"]
+    last_ping = _epoch(s["last_ping"])
+    row = store.conn.execute("SELECT last_ping, deleted FROM sessions WHERE session_id = ?",
+                             (s["session_id"],)).fetchone()
+    if row is not None and not row[1] and row[0] >= last_ping:
+        return False
+    version, hlc = store.stamp()
+    caps = s["capabilities"]
+    store.conn.execute(
+        f"INSERT OR REPLACE INTO sessions ({_COLS}, deleted, origin, version, hlc) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        (s["session_id"], s["agent_name"], s["agent_type"], s["status"],
+         ms_to_iso(_epoch(s["started_at"]) * 1000),
+         last_ping, s["human_user"], s["location"] or _HOSTNAME, _pack(caps),
+         s["current_task"], _pack(s["metadata"]), store.node_id, store.node_id, version, hlc))
+    store.conn.execute("DELETE FROM session_caps WHERE session_id = ?", (s["session_id"],))
+    store.conn.executemany("INSERT OR IGNORE INTO session_caps VALUES (?, ?)",
+                           [(c, s["session_id"]) for c in caps])
+    return True
+
+
+def _epoch(iso: str) -> float:
+    """Seconds since the epoch of an ISO 8601 time (validated); no zone means local time."""
+    from datetime import datetime
+    return datetime.fromisoformat(iso).timestamp()
+
+
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:
     rows = _select(store, "AND session_id = ?", (a["session_id"],))
     return rows[0] if rows else None
@@ -156,8 +187,6 @@ def clear_offline(store: "Store", a: dict[str, Any]) -> int:
     ids = [r[0] for r in store.conn.execute(
         "SELECT session_id FROM sessions WHERE deleted = 0 AND "
         "(status = 'offline' OR last_ping < ?)", (cutoff,))]
-    if ids:
-        store.forget_sessions()
     for sid in ids:
         version, hlc = store.stamp()
         store.conn.execute("UPDATE sessions SET deleted = 1, origin = ?, version = ?, hlc = ? "

@@ -69,9 +69,6 @@ class Store:
         self._folded = False
         self._folding_segment = 0
         self._events_lock = threading.Lock()
-        # Sessions seen to exist by log_write (committed state). Emptied whenever a session
-        # is deleted (`forget_sessions`), so a send to it is checked against SQLite again.
-        self.live_sessions: set[str] = set()
         # In a mesh, the node ids of the daemons known to be up (this one included);
         # sessions hosted anywhere else read OFFLINE. None: no mesh, hosts do not matter.
         self.up_hosts: frozenset[str] | None = None
@@ -172,12 +169,6 @@ class Store:
         its journal record. The caller appends the records of a batch and only then
         acknowledges. Raises (and queues nothing) when the write would be refused."""
         if command == "message.send":
-            to = args["message"]["to_session"]
-            if to is not None and to not in self.live_sessions:
-                from meshd.state import messages
-                with self.lock:         # may wait for a fold: only on a session's first send
-                    messages.check_recipient(self, args["message"])
-                self.live_sessions.add(to)
             rec = [command, args, 0, self.hlc.now()]     # messages carry no version
             if self.outbox_seqs is not None:
                 from meshd.state import messages
@@ -392,9 +383,6 @@ class Store:
         with self.write():
             self.conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)",
                               (key, msgpack.packb(value, use_bin_type=True)))
-
-    def forget_sessions(self) -> None:
-        self.live_sessions.clear()
 
     def _rollback(self, saved: tuple[int, int, int, int]) -> None:
         try:

@@ -123,6 +123,7 @@ COMMANDS: dict[str, Validator] = {
                           human_user=(s.opt_text, None), capability=(s.opt_text, None)),
     "session.stats": _spec(),
     "session.clear_offline": _spec(),
+    "session.import": _spec(session=(_record(s.session_record), R)),
     # messages
     "message.send": _spec(message=(_record(s.message_record), R)),
     "message.list": _spec(session_id=SID, include_broadcasts=(s.boolean, True),

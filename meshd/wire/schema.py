@@ -197,6 +197,37 @@ def routed_message(d: Any) -> dict[str, Any]:
     return m
 
 
+def session_record(d: Any) -> dict[str, Any]:
+    """A session as another store holds it (an import): its own times and status kept.
+    Times are ISO 8601 text; one without a zone is local time, as the seed wrote them."""
+    if not isinstance(d, dict):
+        raise InvalidArgument("session must be a map")
+    return {
+        "session_id": ident(d.get("session_id"), "session_id"),
+        "agent_name": text(d.get("agent_name"), "agent_name"),
+        "agent_type": text(d.get("agent_type"), "agent_type"),
+        "status": enum_value(d.get("status", "active"), SessionStatus, "status"),
+        "started_at": iso_time(d.get("started_at"), "started_at"),
+        "last_ping": iso_time(d.get("last_ping"), "last_ping"),
+        "human_user": opt_text(d.get("human_user"), "human_user"),
+        "location": text(d.get("location") or "", "location"),
+        "capabilities": str_list(d.get("capabilities"), "capabilities"),
+        "current_task": opt_text(d.get("current_task"), "current_task"),
+        "metadata": mapping(d.get("metadata"), "metadata"),
+    }
+
+
+def iso_time(v: Any, field: str) -> str:
+    """An ISO 8601 time as text (checked to parse)."""
+    from datetime import datetime
+    t = text(v, field, 64)
+    try:
+        datetime.fromisoformat(t)
+    except ValueError:
+        raise InvalidArgument(f"{field} must be an ISO 8601 time; got {t!r}") from None
+    return t
+
+
 def entry_record(d: Any) -> dict[str, Any]:
     """A shared-memory entry as the SDK sends it."""
     if not isinstance(d, dict):

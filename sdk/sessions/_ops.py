@@ -102,6 +102,14 @@ def registry_stats() -> Op:
     return Op("session.stats", {}, _same)
 
 
+def import_session(session: Session | dict[str, Any]) -> Op:
+    d = session.to_dict() if isinstance(session, Session) else dict(session)
+    keep = ("session_id", "agent_name", "agent_type", "status", "started_at", "last_ping",
+            "human_user", "location", "capabilities", "current_task", "metadata")
+    return Op("session.import", {"session": {k: _enum(d.get(k)) for k in keep if k in d}},
+              bool)
+
+
 def clear_offline() -> Op:
     return Op("session.clear_offline", {}, _same)
 

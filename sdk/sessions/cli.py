@@ -197,9 +197,14 @@ def status(c: Ctx, session_id: str, status: str, task: str | None) -> None:
 def send(c: Ctx, from_session: str, to_session: str, subject: str, body: str, mtype: str,
          data: dict[str, Any] | None) -> None:
     """Send a direct message."""
-    msg = c.hub().send(from_session, to_session, mtype.lower(), subject, body, data=data)
+    hub = c.hub()
+    msg = hub.send(from_session, to_session, mtype.lower(), subject, body, data=data)
     click.echo(f"✅ Sent: {msg.format_signal()}")
     click.echo(f"   Message ID: {msg.message_id}")
+    receipt = hub.get_message_status(msg.message_id)
+    if receipt is not None and receipt["state"] == "waiting":
+        click.echo(f"   💤 No session {to_session} is registered yet: the message waits, and "
+                   f"is delivered when one registers on any host (or expires)")
 
 
 @cli.command()
@@ -259,7 +264,7 @@ def messages(c: Ctx, session_id: str, mtype: str | None, unread: bool, mark_read
         print_message(m)
 
 
-STATE_EMOJI = {"queued": "⏳", "stored": "📥", "read": "👀", "expired": "⌛"}
+STATE_EMOJI = {"waiting": "💤", "queued": "⏳", "stored": "📥", "read": "👀", "expired": "⌛"}
 
 
 def show_sent(hub: CollaborationHub, session_id: str, as_json: bool) -> None:

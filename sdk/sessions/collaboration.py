@@ -31,6 +31,10 @@ class CollaborationHub:
             self._backend: Backend = registry._backend
         else:
             self._backend = backend_for(messages_path, socket, timeout)
+        # Messages kept apart from the registry's sessions (the seed's
+        # CollaborationHub(registry, messages_path)): the hub still knows those sessions.
+        self._apart = (registry is not None and hasattr(registry, "_backend")
+                       and registry._backend is not self._backend)
         self._handlers: dict[str | None, dict[str, list[Handler]]] = {}
         self._threads: dict[str | None, HandlerThread] = {}
         self._lock = threading.Lock()
@@ -38,21 +42,26 @@ class CollaborationHub:
     def send(self, from_session: str, to_session: str, type: MessageType | str, subject: str,
              body: str, data: dict[str, Any] | None = None,
              in_reply_to: str | None = None, priority: str = "normal") -> Message:
-        """Send a direct message; an unknown recipient raises NotFound. A session on
-        another host gets it through its daemon (queued while that host is away); a
-        "high" priority message overtakes queued normal ones."""
+        """Send a direct message. A session on another host gets it through its daemon
+        (queued while that host is away); a "high" priority message overtakes queued
+        normal ones. A session id nobody has registered yet is no error, as in the seed:
+        the message waits (get_message_status says "waiting") and is delivered once when
+        the id registers on any host, or expires."""
+        self._know_registry()
         return self._backend.run(ops.send(from_session, to_session, type, subject, body, data,
                                           in_reply_to, priority))
 
     def broadcast(self, from_session: str, subject: str, body: str,
                   data: dict[str, Any] | None = None, priority: str = "normal") -> Message:
         """Send to every session but the sender, on every host."""
+        self._know_registry()
         return self._backend.run(ops.broadcast(from_session, subject, body, data, priority))
 
     def get_message_status(self, message_id: str) -> dict[str, Any] | None:
         """Where a message you sent stands: {"message", "state", "deliveries"}; state is
-        queued (waiting for the recipient's host), stored (in the recipient's inbox),
-        read, or expired (given up after the outbox's age or size limit)."""
+        waiting (no session has the recipient's id yet), queued (waiting for the
+        recipient's host), stored (in the recipient's inbox), read, or expired (given up
+        after the outbox's age or size limit)."""
         return self._backend.run(ops.message_status(message_id))
 
     def get_sent(self, session_id: str) -> list[dict[str, Any]]:
@@ -63,9 +72,11 @@ class CollaborationHub:
     def reply(self, from_session: str, to_message: Message, body: str,
               data: dict[str, Any] | None = None) -> Message:
         """Answer a message: RESPONSE to its sender, subject "Re: ...", threaded under it."""
+        self._know_registry()
         return self._backend.run(ops.reply(from_session, to_message, body, data))
 
     def ping_session(self, from_session: str, to_session: str) -> Message:
+        self._know_registry()
         return self._backend.run(ops.ping_session(from_session, to_session))
 
     def get_messages(self, session_id: str, include_broadcasts: bool = True,
@@ -85,6 +96,15 @@ class CollaborationHub:
 
     def get_stats(self) -> dict[str, Any]:
         return self._backend.run(ops.hub_stats())
+
+    def _know_registry(self) -> None:
+        """Copy the registry's sessions to where the messages live, when those are apart,
+        so that sends reach them and broadcasts count them (idempotent: an unchanged
+        session is not written again)."""
+        if not self._apart:
+            return
+        for s in self.registry.list_sessions(include_offline=True):
+            self._backend.run(ops.import_session(s))
 
     # --- live delivery -----------------------------------------------------------------------
 
