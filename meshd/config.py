@@ -3,12 +3,14 @@
 Library code receives a `Config` and never reads the environment or files itself; the
 daemon's entry point (`meshd.main`) builds one from flags and `MESHD_*` variables. The path
 helpers at the bottom are pure functions of an environment mapping so the SDK can find the
-daemon's socket the same way the daemon chose it. Leaf module: stdlib only.
+daemon's socket the same way the daemon chose it; the daemon and the SDK check the socket's
+directory the same way too (`socket_dir_problem`). Leaf module: stdlib only.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
@@ -34,6 +36,8 @@ class Config:
     # --- sizes -------------------------------------------------------------------------
     max_frame_bytes: int = 1 * MiB        # largest request/record accepted; larger = error
     max_batch: int = 64                 # requests applied per transaction (group commit)
+    ipc_turn_budget: float = 0.01         # s of a loop turn spent on one big batch of local
+                                          # requests before yielding (the rest next turn)
     # --- durability --------------------------------------------------------------------
     durability: str = "process"           # see DURABILITY_MODES
     # --- sessions ----------------------------------------------------------------------
@@ -41,6 +45,11 @@ class Config:
     # --- live streams ------------------------------------------------------------------
     stream_window: int = 256              # events pushed before the subscriber must ack
     stream_idle_timeout: float = 30.0     # s without ack/renew before a stream is dropped
+    stream_sub_bytes: int = 1 * MiB       # bytes pushed and not yet acked, per stream, before
+                                          # it pauses (it resumes from its cursor on ack)
+    stream_total_bytes: int = 64 * MiB    # the same over all streams of the daemon
+    stream_max_per_client: int = 64       # open streams per client connection
+    stream_max_total: int = 4096          # open streams in all
     # --- housekeeping ------------------------------------------------------------------
     expiry_interval: float = 5.0          # s between purges of TTL-expired memory entries
     checkpoint_interval: float = 1.0      # s between WAL checkpoints, made by the fold
@@ -80,8 +89,20 @@ class Config:
     reap_after: float = 72 * 3600.0       # s a dead or departed member is remembered
     tombstone_min_age: float = 3600.0     # s before a deletion record may be collected ...
     tombstone_gc_interval: float = 60.0   # ... checked this often (once all members hold it)
-    max_version_jump: int = 1_000_000_000  # a batch claiming an origin this far beyond what
-                                           # we know of it is not believed
+    max_version_jump: int = 1_000_000_000  # a batch claiming this many versions beyond the
+                                           # records it carries is dropped
+    # --- bounds on what frames from the peer port can make this node hold --------------
+    max_members: int = 512                # members remembered (each one up holds a connection)
+    max_candidates: int = 64              # unknown nodes being pinged before they are members
+    max_hearsay: int = 16                 # ... of them known only from another node's word
+    candidate_timeout: float = 3.0        # s an unknown node has to answer before it is dropped
+    max_incarnation_ahead: float = 365 * 86400.0  # s an incarnation may be ahead of our clock
+    max_relays: int = 256                 # indirect probes relayed for others at once
+    max_origins: int = 4096               # origins known; records of a new one refused beyond
+    transient_max: int = 64               # connections to addresses that are not members ...
+    transient_queue: int = 4              # ... frames queued on each of them ...
+    transient_idle: float = 30.0          # ... s after which an idle one is closed ...
+    transient_rate: float = 20.0          # ... new ones per s (bursts up to transient_max)
     # --- discovery on the LAN (mDNS / DNS-SD) -----------------------------------------
     discovery: bool = True                # announce and browse _meshd._tcp.local.
     cluster: str = "default"              # only peers announcing the same name are joined
@@ -117,7 +138,7 @@ class Config:
                        join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
                        tombstone_min_age=2.0, tombstone_gc_interval=1.0, route_tick=0.1,
                        route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5,
-                       discovery_evict_after=2.0)
+                       discovery_evict_after=2.0, candidate_timeout=1.0, transient_idle=2.0)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_(self, **overrides: object) -> "Config":
@@ -153,6 +174,86 @@ def candidate_socket_paths(environ: Mapping[str, str] | None = None) -> list[str
         return [env["MESHD_SOCKET"]]
     paths = [default_socket_path(env), "/run/meshd/meshd.sock"]
     return list(dict.fromkeys(paths))
+
+
+#: The system service's socket directory (systemd's RuntimeDirectory=meshd).
+SYSTEM_SOCKET_DIR = "/run/meshd"
+_AVOID = ("choose a directory only you can write to (MESHD_SOCKET or --socket; the default "
+          "is under $XDG_RUNTIME_DIR, else /tmp/meshd-UID)")
+
+
+def socket_dir_problem(directory: str) -> str | None:
+    """Why a socket in `directory` could be taken over by another local user, else None
+    (also when it does not exist yet: the daemon creates it, then asks again).
+
+    Whoever may write to the directory can put their own socket in the daemon's place and
+    read what clients send (a `memory-set` value, say), and a directory made first by
+    someone else in /tmp is theirs. So, as ssh-agent and tmux do, it must be owned by this
+    user (or root) and writable by nobody else. The service's /run/meshd belongs to the
+    service's user: only root can make it in /run, so it passes while /run is root's.
+    """
+    trusted = {os.geteuid(), 0}
+    try:
+        st = os.lstat(directory)
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in trusted:
+                return (f"the socket directory {directory} is a symbolic link owned by uid "
+                        f"{st.st_uid}, who could point it elsewhere at any time; {_AVOID}")
+            st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot check the socket directory {directory}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the socket directory {directory} is not a directory"
+    if st.st_uid not in trusted and not _service_dir(directory):
+        return (f"the socket directory {directory} belongs to uid {st.st_uid}, not to you "
+                f"(uid {os.geteuid()}): its owner could replace the socket and read what is "
+                f"sent to meshd. Remove it if you did not make it, or {_AVOID}")
+    if st.st_mode & 0o022:
+        return (f"the socket directory {directory} is writable by other users (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): any of them could replace the socket and "
+                f"read what is sent to meshd; {_AVOID}")
+    return None
+
+
+def _service_dir(directory: str) -> bool:
+    if os.path.realpath(directory) != SYSTEM_SOCKET_DIR:
+        return False
+    try:
+        parent = os.stat(os.path.dirname(SYSTEM_SOCKET_DIR))
+    except OSError:
+        return False
+    return parent.st_uid == 0 and not parent.st_mode & 0o022
+
+
+def prepare_socket_dir(socket_path: str, mode: int) -> str | None:
+    """For the daemon, before it serves: make the socket's directory (owner-only; 0750
+    when the socket is for a group) and check it, and check that only a socket is in the
+    way. Returns why it must not serve there, else None. (A socket is replaced only when
+    nobody answers on it: the IPC server probes it.)"""
+    directory = os.path.dirname(os.path.abspath(socket_path))
+    try:
+        os.makedirs(directory, mode=0o750 if mode & 0o070 else 0o700, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the socket directory {directory}: {exc.strerror}"
+    problem = socket_dir_problem(directory)
+    if problem:
+        return problem
+    try:
+        st = os.lstat(socket_path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot check the socket path {socket_path}: {exc.strerror}"
+    if stat.S_ISSOCK(st.st_mode):
+        return None
+    kind = ("a regular file" if stat.S_ISREG(st.st_mode) else "a directory"
+            if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode)
+            else "a special file")
+    return (f"{socket_path} exists and is {kind}, not a socket: meshd replaces only the "
+            "socket of a daemon that died. Move it away or choose another socket path "
+            "(--socket, MESHD_SOCKET)")
 
 
 def default_data_dir(environ: Mapping[str, str] | None = None, system: bool = False) -> str:

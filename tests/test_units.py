@@ -110,10 +110,12 @@ def test_failed_request_in_savepoint_leaves_nothing(tmp_path):
     msg = {"message_id": "m1", "type": "request", "from_session": "a", "to_session": "nobody",
            "subject": "s", "body": "b", "data": {}, "timestamp": "t", "in_reply_to": None}
     with s.write():
-        with pytest.raises(Exception):
-            with s.savepoint():
+        with pytest.raises(RuntimeError):
+            with s.savepoint():       # (to an unknown id: stored, waiting for it)
                 s.execute("message.send", _args("message.send", message=msg))
+                raise RuntimeError("a later step of the same request failed")
     assert s.execute("message.stats", {})["total_messages"] == 0
+    assert s.execute("message.list", _args("message.list", session_id="nobody")) == []
     assert s.take_events() == []
 
 

@@ -11,6 +11,21 @@ A member that shuts down announces LEFT to everyone at once.
 News spreads by piggybacking on probe traffic: each update rides on the next few PINGs
 and ACKs (`retransmit_mult` x log10(N+1) times) before it is dropped from the queue, and
 the whole table is exchanged in anti-entropy SYNCs, so a node that missed news converges.
+A node we do not know becomes a member only once it has answered a ping of ours (see
+`meshd.mesh.admission`), and the table holds at most `max_members`.
+
+**Incarnations stay in range.** A node's incarnation starts at its wall clock in
+milliseconds and grows by one per refutation or leave, so a real one is never far ahead
+of anyone's clock. An update whose incarnation is more than `max_incarnation_ahead` ahead
+of our clock is hostile (or from a broken clock) and is dropped and counted, whoever it
+is about, this node included: no sane peer believes it either. Every incarnation this
+node takes is thus at most that ceiling plus one per refutation, which no run reaches
+the protocol's maximum with (`MAX_INCARNATION`, 2**62, ~10**6 times the ceiling), and
+raising it saturates there anyway. So a node can always outrank any rumour about itself
+that a peer believes, and its frames always pass the peers' checks. A node that restarts
+begins again at its clock; if the others hold it at a higher incarnation (refutations,
+or a rumour pushed up to the ceiling) it hears its old self in their answer to its join
+and outranks that the same way.
 """
 
 from __future__ import annotations
@@ -21,12 +36,14 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from meshd.config import Config
+from meshd.mesh.admission import Admission
 from meshd.mesh.transport import Transport
-from meshd.wire.peer import MAX_UPDATES, FrameType, MemberState
+from meshd.wire.peer import MAX_INCARNATION, MAX_UPDATES, FrameType, MemberState
 
 log = logging.getLogger("meshd.mesh")
 
@@ -98,6 +115,8 @@ class Membership:
         self.false_refutations = 0            # times we had to refute a rumour of our death
         self.wrong_node_pings = 0             # probes for another node id at our address
         self._seq = itertools.count(1)
+        self.counters: Counter[str] = Counter()
+        self.admission = Admission(config, transport, clock, self.counters)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._relays: dict[int, tuple[str, int, float]] = {}   # seq -> (requester, their seq, expiry)
         self._order: list[str] = []           # probe order, reshuffled every round
@@ -126,6 +145,14 @@ class Membership:
     def _piggyback(self) -> list[Update]:
         return self.broadcasts.take(MAX_UPDATES, self._max_sends())
 
+    def _ceiling(self) -> int:
+        """The highest incarnation believed now (see the module docstring)."""
+        return int((time.time() + self.config.max_incarnation_ahead) * 1000)
+
+    def _pin(self) -> None:
+        """Keep the connections to the members that are up, and only those."""
+        self.transport.pin(m.address for m in self.members.values() if m.up)
+
     def _set(self, m: Member, state: MemberState, incarnation: int, address: str | None = None
              ) -> None:
         old = m.state
@@ -143,25 +170,27 @@ class Membership:
                     o.up and o.address == m.address for o in self.members.values()):
                 self.transport.forget(m.address)     # unless a new identity lives there
         self.broadcasts.put(m.update())
+        self._pin()
         if state != old:
             self.on_change(m, old)
 
-    def apply(self, updates: list[Update]) -> None:
-        """Merge membership news (SWIM's precedence rules)."""
-        for node_id, address, state_n, inc in updates:
+    def apply(self, updates: list[Update], source: str = "") -> None:
+        """Merge membership news (SWIM's precedence rules); `source` is the node that sent
+        it (what it says of itself is first-hand)."""
+        ceiling = self._ceiling()
+        for update in updates:
+            node_id, address, state_n, inc = update
+            if inc > ceiling:
+                self.counters["dropped.incarnation_ahead"] += 1
+                continue
             state = MemberState(state_n)
             if node_id == self.node_id:
                 self._about_me(state, inc)
                 continue
             m = self.members.get(node_id)
             if m is None:
-                m = Member(node_id, address, state, inc, state_since=self.clock())
-                self.members[node_id] = m
-                self._order.append(node_id)
-                self.broadcasts.put(m.update())
-                log.info("member %s (%s) joined as %s", node_id[:12], address,
-                         state.name.lower())
-                self.on_change(m, None)
+                if not self.leaving:
+                    self.admission.propose(update, first_hand=node_id == source)
                 continue
             if state == MemberState.ALIVE:
                 if inc > m.incarnation:
@@ -186,14 +215,43 @@ class Membership:
             return
         if state != MemberState.ALIVE and inc >= self.incarnation:
             # Someone thinks we are suspect, dead or gone: outrank the rumour.
-            self.incarnation = inc + 1
+            self.incarnation = _above(inc)
             self.false_refutations += 1
             log.info("refuting a rumour that this node is %s (incarnation now %d)",
                      state.name.lower(), self.incarnation)
             self.broadcasts.put(self.me())
         elif state == MemberState.ALIVE and inc > self.incarnation:
-            self.incarnation = inc + 1
+            self.incarnation = _above(inc)
             self.broadcasts.put(self.me())
+
+    def _admit(self, update: Update) -> None:
+        """A node that answered our ping joins the table (room made by forgetting the
+        member down the longest, or refused and counted when every one is up)."""
+        node_id, address, state_n, inc = update
+        if node_id in self.members or self.leaving:
+            return
+        if len(self.members) >= self.config.max_members:
+            down = [m for m in self.members.values() if not m.up]
+            if not down:
+                self.counters["members.refused_full"] += 1
+                return
+            self._forget(min(down, key=lambda m: m.state_since))
+            self.counters["members.evicted"] += 1
+        now = self.clock()
+        m = Member(node_id, address, MemberState(state_n), inc, state_since=now,
+                   last_contact=now)
+        self.members[node_id] = m
+        self._order.append(node_id)
+        self.broadcasts.put(m.update())
+        log.info("member %s (%s) joined as %s", node_id[:12], address, m.state.name.lower())
+        self._pin()
+        self.on_change(m, None)
+
+    def _forget(self, m: Member) -> None:
+        del self.members[m.node_id]
+        self._order.remove(m.node_id)
+        self._pin()
+        self.on_change(m, m.state)
 
     def heard_from(self, node_id: str) -> None:
         m = self.members.get(node_id)
@@ -204,11 +262,11 @@ class Membership:
 
     def handle(self, ftype: FrameType, sender: str, reply_to: str, body: dict[str, Any]) -> None:
         if ftype in (FrameType.PING, FrameType.ACK, FrameType.GOSSIP):
-            self.apply(body["updates"])
+            self.apply(body["updates"], sender)
         if sender not in self.members and not self.leaving and ftype != FrameType.ACK:
             # A node we never heard of talks to us: learn it (it announces itself in SYNC,
-            # but a probe may arrive first).
-            self.apply([(sender, reply_to, int(MemberState.ALIVE), 0)])
+            # but a probe may arrive first), once it answers us.
+            self.apply([(sender, reply_to, int(MemberState.ALIVE), 0)], sender)
         self.heard_from(sender)
         if ftype == FrameType.PING:
             if body.get("node", self.node_id) != self.node_id:
@@ -220,6 +278,9 @@ class Membership:
                                 {"seq": body["seq"], "updates": self._piggyback()})
         elif ftype == FrameType.ACK:
             seq = body["seq"]
+            admitted = self.admission.answered(seq, sender)
+            if admitted is not None:
+                self._admit(admitted)
             fut = self._acks.get(seq)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -228,6 +289,9 @@ class Membership:
                 self.transport.send(relay[0], FrameType.ACK,
                                     {"seq": relay[1], "updates": self._piggyback()})
         elif ftype == FrameType.PING_REQ:
+            if len(self._relays) >= self.config.max_relays:
+                self.counters["dropped.relays_full"] += 1
+                return
             seq = next(self._seq)
             self._relays[seq] = (reply_to, body["seq"], self.clock() + self.config.probe_interval)
             self.transport.send(body["target_addr"], FrameType.PING,
@@ -328,11 +392,10 @@ class Membership:
                   and now - m.state_since >= self.config.reap_after):
                 log.info("forgetting member %s, %s for %.0fs", m.node_id[:12],
                          m.state.name.lower(), now - m.state_since)
-                del self.members[m.node_id]
-                self._order.remove(m.node_id)
-                self.on_change(m, m.state)
+                self._forget(m)
         for seq in [s for s, r in self._relays.items() if r[2] < now]:
             del self._relays[seq]
+        self.admission.tick()
         if len(self.broadcasts):
             # Updates ride on probes, but with few members they would spread slowly.
             updates = self._piggyback()
@@ -344,7 +407,7 @@ class Membership:
         addresses in `also`: peers we were joining, which may see us alive already (our
         join reached them) while we have not heard back from them yet."""
         self.leaving = True
-        self.incarnation += 1
+        self.incarnation = _above(self.incarnation)
         me = [self.me()]
         told = {m.address for m in self.members.values() if m.up}
         for addr in told | (set(also) - {self.transport.address}):
@@ -357,3 +420,13 @@ class Membership:
                  "last_contact": None if not m.last_contact else round(now - m.last_contact, 3),
                  "since": round(now - m.state_since, 3)}
                 for m in sorted(self.members.values(), key=lambda m: m.address)]
+
+    def stats(self) -> dict[str, Any]:
+        return {"candidates": len(self.admission), "relays": len(self._relays),
+                "counters": dict(self.counters)}
+
+
+def _above(incarnation: int) -> int:
+    """The incarnation that outranks `incarnation`, saturating at the protocol's maximum
+    (unreachable: see the module docstring; but never a value the peers would refuse)."""
+    return min(incarnation + 1, MAX_INCARNATION)

@@ -2,8 +2,8 @@
 
 - **Push**: after local writes commit, this node's new records (its own origin) go to every
   member that is up, at once, as RECORDS{origin: us, after, through}. The receiver merges
-  them and advances its knowledge of our origin to `through` only if it already had
-  everything up to `after`; otherwise it PULLs the gap.
+  them and advances its knowledge of our origin (as far as the records go, see below)
+  only if it already had everything up to `after`; otherwise it PULLs the gap.
 - **Anti-entropy**: every `sync_interval` a SYNC with our version vector and membership
   table goes to one random member, which answers with its own. Each side PULLs, origin by
   origin, whatever the other has beyond its own knowledge; a PULL is answered with one
@@ -14,6 +14,18 @@
   in (same origin, version inside the batch's range, our own origin never beyond our own
   counter, clock stamps not far in the future) before they reach the store; anything
   else is dropped and counted.
+- **Knowledge is not taken on anyone's word.** A batch says it is complete through
+  `through`, and records superseded or expired are never shipped, so that may be beyond
+  its last record. That claim is believed only from the peer we are pulling that origin
+  from (a chain we started); any other batch (a push, a stray or forged frame) advances
+  our knowledge only as far as the records it carries, and a claim of more than
+  `max_version_jump` versions beyond them is dropped. Anti-entropy then pulls the rest
+  from a peer that holds it. And since no node can know more of an origin than the
+  origin itself, when an up member's own counter (in its SYNC) stays below what we
+  believe we hold of it for a sync round, our knowledge of it was forged (or it lost its
+  data): it goes back to the last value that origin confirmed, and is pulled again.
+- Only members are served PULLs (an answer is up to a chunk of records, which no frame
+  from anyone may direct to any address), and only members are pulled from.
 - Deletion records and session tombstones (`clear_offline`) are garbage-collected once
   every known member's version vector shows it holds them (and they are older than
   `tombstone_min_age`): by then every member has removed what they cover, so nothing they
@@ -59,6 +71,10 @@ class Replicator:
         # time, whichever peer it is from, so a node behind several peers that all hold
         # an origin gets each record once, not once per peer.
         self._pulling: dict[str, tuple[str, float]] = {}
+        # origin -> our knowledge when that origin's own counter first fell short of it,
+        # and when; and the last knowledge of it that its counter covered.
+        self._doubts: dict[str, tuple[int, float]] = {}
+        self._confirmed: dict[str, int] = {}
 
     def start(self) -> None:
         with self.store.read(fold=False):
@@ -132,6 +148,8 @@ class Replicator:
         while True:
             await asyncio.sleep(self.config.sync_interval * random.uniform(0.75, 1.25))
             try:
+                now = time.monotonic()
+                self._pulling = {o: p for o, p in self._pulling.items() if p[1] > now}
                 self.sync_with_random()
             except Exception:                        # pragma: no cover - keep syncing
                 log.exception("anti-entropy round failed")
@@ -149,13 +167,15 @@ class Replicator:
                              "reply": reply})
 
     def on_sync(self, sender: str, reply_to: str, body: dict[str, Any]) -> None:
-        self.membership.apply(body["members"])
+        self.membership.apply(body["members"], sender)
         m = self.membership.members.get(sender)
         theirs = body["digest"]
         if m is not None:
             m.digest, m.digest_at = theirs, time.monotonic()
         with self.store.read(fold=False):
             mine = replication.digest(self.store)
+        if m is not None and m.up and sender in mine and sender in theirs:
+            self._check_counter(m, theirs[sender], mine[sender])
         behind = {o: v for o, v in theirs.items() if v > mine.get(o, 0)}
         if behind:
             # Under write load the pushes that will close these gaps are usually in
@@ -164,6 +184,34 @@ class Replicator:
                 self.config.push_grace, self._pull_if_behind, reply_to, behind)
         if body["reply"]:
             self.send_sync(reply_to, reply=False)
+
+    def _check_counter(self, m: Member, counter: int, known: int) -> None:
+        """`m` says its own counter is `counter` and we believe we hold it through
+        `known`: more than it ever made is forged knowledge, unless a frame from it was
+        merely overtaken (so it must still fall short a sync round later)."""
+        origin, now = m.node_id, time.monotonic()
+        if counter >= known:
+            self._confirmed[origin] = known
+            self._doubts.pop(origin, None)
+            return
+        first = self._doubts.get(origin)
+        if first is None or counter >= first[0]:
+            self._doubts[origin] = (known, now)
+            return
+        if now - first[1] < self.config.sync_interval:
+            return
+        back = min(self._confirmed.get(origin, 0), counter)
+        try:
+            with self.store.write():
+                replication.forget_beyond(self.store, origin, back)
+        except MeshError as exc:
+            log.warning("cannot reset the knowledge of %s: %s", origin[:12], exc)
+            return
+        del self._doubts[origin]
+        self.counters["knowledge_resets"] += 1
+        log.warning("we held %s through version %d, beyond its own counter %d: pulling it "
+                    "again from version %d", origin[:12], known, counter, back)
+        self._pull(m.address, origin, back, force=True)
 
     def _pull_if_behind(self, address: str, behind: dict[str, int]) -> None:
         try:
@@ -181,7 +229,12 @@ class Replicator:
     def _pull(self, address: str, origin: str, after: int, force: bool = False) -> None:
         """Ask `address` for `origin`'s records above `after`. Unless forced (the next
         chunk of a chain, or a gap in it), not while a chain for that origin is under
-        way from any peer; a chain that stops answering expires after two sync rounds."""
+        way from any peer; a chain that stops answering expires after two sync rounds.
+        Only from a member that is up: a frame from anywhere else (which may name any
+        address) must not point a chain at a peer that never answers."""
+        if not self.transport.pinned(address):
+            self.counters["pulls_not_member"] += 1
+            return
         now = time.monotonic()
         busy = self._pulling.get(origin)
         if not force and busy is not None and busy[1] > now:
@@ -192,6 +245,9 @@ class Replicator:
         self.counters["pulls"] += 1
 
     def on_pull(self, reply_to: str, body: dict[str, Any]) -> None:
+        if not self.transport.pinned(reply_to):
+            self.counters["dropped.pull_not_member"] += 1
+            return
         frame, _, _ = self._chunk(body["origin"], body["after"])
         if frame is not None:
             self.transport.send_frame(reply_to, frame)
@@ -205,16 +261,44 @@ class Replicator:
         if through < after:
             self.counters["dropped.bad_range"] += 1
             return
-        if origin != me:
-            with self.store.read(fold=False):
-                known_now = replication.known(self.store, origin)
-            if through > known_now + self.config.max_version_jump:
-                # Believing it would make us skip everything up to `through`.
-                self.counters["dropped.version_jump"] += 1
-                return
+        good = self._valid_records(origin, after, through, body["records"])
+        if origin == me:
+            return                     # we are the authority on our own records
+        held = max((r["version"] for r in good), default=after)
+        if through - held > self.config.max_version_jump:
+            # Believing it would make us skip everything up to `through`.
+            self.counters["dropped.version_jump"] += 1
+            return
+        with self.store.read(fold=False):
+            known_now = replication.known(self.store, origin)
+            full = (not known_now and replication.origin_count(self.store)
+                    >= self.config.max_origins)
+        if full:
+            self.counters["dropped.too_many_origins"] += 1
+            return
+        asked = self._pulling.get(origin, ("",))[0] == reply_to
+        dropped = len(good) < len(body["records"])
+        if dropped:
+            through = after           # do not advance knowledge past dropped records
+        elif through > held and not asked:
+            self.counters["claims_ignored"] += 1   # see the module docstring
+            through = held
+        # Catching up: ask for the next chunk now, so the peer reads and ships it while
+        # we merge this one (one chunk ahead at most; merging is idempotent, and a chunk
+        # that arrives before its predecessor took effect is handled as a gap).
+        prefetched = asked and not dropped and body["more"] and known_now == after
+        if prefetched:
+            self._pull(reply_to, origin, through, force=True)
+        self._merge(sender, reply_to, body, good, known_now, through, dropped, prefetched)
+
+    def _valid_records(self, origin: str, after: int, through: int, raws: list[Any]
+                       ) -> list[dict[str, Any]]:
+        """The records of a batch that pass validation and belong in it (the others are
+        counted)."""
+        me = self.store.node_id
         good: list[dict[str, Any]] = []
         wall_ms = int(self.store.wall() * 1000)
-        for raw in body["records"]:
+        for raw in raws:
             try:
                 rec = validate_record(raw)
             except MeshError:
@@ -230,17 +314,12 @@ class Replicator:
                 self.counters["dropped.future_clock"] += 1
                 continue
             good.append(rec)
-        dropped = len(good) < len(body["records"])
-        if dropped:
-            through = after           # do not advance knowledge past dropped records
-        if origin == me:
-            return                     # we are the authority on our own records
-        # Catching up: ask for the next chunk now, so the peer reads and ships it while
-        # we merge this one (one chunk ahead at most; merging is idempotent, and a chunk
-        # that arrives before its predecessor took effect is handled as a gap).
-        prefetched = not dropped and body["more"] and known_now == after
-        if prefetched:
-            self._pull(reply_to, origin, through, force=True)
+        return good
+
+    def _merge(self, sender: str, reply_to: str, body: dict[str, Any],
+               good: list[dict[str, Any]], known_now: int, through: int, dropped: bool,
+               prefetched: bool) -> None:
+        origin, after = body["origin"], body["after"]
         try:
             with self.store.write():
                 known_before = replication.known(self.store, origin)

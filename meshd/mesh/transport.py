@@ -5,7 +5,17 @@ Nothing here ever waits on a peer: every send is non-blocking into a bounded que
 (`peer_queue` frames per peer); when that queue is full (a slow or dead peer) the frame is
 dropped and counted, and the protocols above recover (probes time out, anti-entropy
 re-ships records). Incoming frames are size-checked by ZeroMQ and again by the decoder;
-bad ones are dropped and counted, never answered.
+bad ones are dropped and counted, never answered: every frame received is counted once
+as `frames_handled` or as `frames_dropped` (and under its `dropped.<reason>`), whatever
+it holds.
+
+Frames name addresses (`reply_to`, a PING_REQ's target) and anyone who reaches the port
+can send them, so only the connections to members that are up (`pin`) are kept for good.
+Any other address gets a *transient* connection with a short queue: at most
+`transient_max` of them, the least recently used closed to make room, each closed after
+`transient_idle` without a frame, and at most `transient_rate` new ones a second. A
+flood of frames naming addresses thus costs a bounded number of sockets and connection
+attempts, and a real peer joining meanwhile still gets its answers.
 """
 
 from __future__ import annotations
@@ -13,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from typing import Any, Callable
+from collections import Counter, OrderedDict
+from typing import Any, Callable, Iterable
 
 import zmq
 
@@ -29,6 +39,8 @@ _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 #: s of frame handling per loop turn at most; then other callbacks get their turn.
 DRAIN_BUDGET = 0.005
+#: ms a transient connection that became a member's keeps to send what it queued.
+UPGRADE_LINGER_MS = 1000
 
 #: (type, sender node id, sender's reply address, validated body)
 Handler = Callable[[FrameType, str, str, dict[str, Any]], None]
@@ -47,6 +59,11 @@ class Transport:
         self._ctx = ctx
         self._router: zmq.Socket | None = None
         self._peers: dict[str, zmq.Socket] = {}
+        self._pinned: frozenset[str] = frozenset()        # up members' addresses
+        self._transient: OrderedDict[str, float] = OrderedDict()   # the others: last use,
+        self._tokens = float(config.transient_max)                  # least recent first
+        self._tokens_at = time.monotonic()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._frame_limit = frame_limit(config.max_frame_bytes)
@@ -81,6 +98,7 @@ class Transport:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
         self._wake()
+        self._sweeper = self._loop.call_later(self._sweep_every(), self._sweep)
         log.info("listening for peers on %s (advertised as %s)", self.bound, self.address)
 
     @property
@@ -91,9 +109,13 @@ class Transport:
     def stop(self, linger_ms: int = 0) -> None:
         """Close everything; with `linger_ms`, frames still queued (a leave announcement)
         get that long to go out."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for sock in self._peers.values():
             sock.close(linger_ms)
         self._peers.clear()
+        self._transient.clear()
         if self._router is not None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._router.getsockopt(zmq.FD))
@@ -121,6 +143,9 @@ class Transport:
             sock = self._connect(addr)
             if sock is None:
                 return False
+        elif addr in self._transient:
+            self._transient[addr] = time.monotonic()
+            self._transient.move_to_end(addr)
         try:
             sock.send(frame, _NOBLOCK)
         except zmq.Again:
@@ -139,9 +164,18 @@ class Transport:
         except MeshError:
             self.counters["dropped.bad_address"] += 1
             return None
-        sock = self._ctx.socket(zmq.DEALER)
+        transient = addr not in self._pinned
+        if transient and not self._admit_transient():
+            return None
+        try:
+            sock = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:                # out of sockets or descriptors
+            self.counters["dropped.no_socket"] += 1
+            log.warning("cannot open a connection to %s: %s", addr, exc)
+            return None
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.config.peer_queue)
+        sock.setsockopt(zmq.SNDHWM, self.config.transient_queue if transient
+                        else self.config.peer_queue)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         if self.key is not None:
@@ -157,13 +191,76 @@ class Transport:
             log.warning("cannot connect to peer %s: %s", addr, exc)
             return None
         self._peers[addr] = sock
+        if transient:
+            self._transient[addr] = time.monotonic()
         return sock
 
-    def forget(self, addr: str) -> None:
+    def forget(self, addr: str, linger_ms: int = 0) -> None:
         """Close the queue to a peer that is gone (frees whatever waited for it)."""
+        self._transient.pop(addr, None)
         sock = self._peers.pop(addr, None)
         if sock is not None:
-            sock.close(0)
+            sock.close(linger_ms)
+
+    # --- which connections are kept ------------------------------------------------------
+
+    def pin(self, addresses: Iterable[str]) -> None:
+        """Set the addresses of the members that are up: their connections are kept, with
+        the full queue; every other connection is transient (see the module docstring)."""
+        pinned = frozenset(addresses)
+        for addr in pinned & self._transient.keys():
+            # Opened for a node that was not a member yet (its join, our ping to it), with
+            # a short queue: it gets a moment to send what it holds, and the next frame
+            # opens a connection with the full queue.
+            self.forget(addr, UPGRADE_LINGER_MS)
+        now = time.monotonic()
+        for addr in self._pinned - pinned:
+            if addr in self._peers and addr not in self._transient:
+                self._transient[addr] = now       # no longer a member's: expires when idle
+        self._pinned = pinned
+        while len(self._transient) > self.config.transient_max:
+            self._evict_oldest()
+
+    def pinned(self, addr: str) -> bool:
+        """Whether `addr` is the address of a member that is up."""
+        return addr in self._pinned
+
+    def _admit_transient(self) -> bool:
+        """Room and budget for one more transient connection (a token bucket refilled at
+        `transient_rate`, holding `transient_max`); the least recently used one goes."""
+        cfg = self.config
+        now = time.monotonic()
+        self._tokens = min(float(cfg.transient_max),
+                           self._tokens + (now - self._tokens_at) * cfg.transient_rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self.counters["dropped.connect_rate"] += 1
+            return False
+        self._tokens -= 1.0
+        while self._transient and len(self._transient) >= cfg.transient_max:
+            self._evict_oldest()
+        return True
+
+    def _evict_oldest(self) -> None:
+        addr = next(iter(self._transient))
+        self.forget(addr)
+        self.counters["transient_evicted"] += 1
+
+    def _sweep_every(self) -> float:
+        return max(0.1, self.config.transient_idle / 4)
+
+    def _sweep(self) -> None:
+        """Close the transient connections idle for `transient_idle` (a reply sent to an
+        address nobody listens on would otherwise be retried for ever)."""
+        now = time.monotonic()
+        while self._transient:
+            addr, used = next(iter(self._transient.items()))
+            if now - used < self.config.transient_idle:
+                break
+            self.forget(addr)
+            self.counters["transient_expired"] += 1
+        if self._loop is not None and not self._loop.is_closed():
+            self._sweeper = self._loop.call_later(self._sweep_every(), self._sweep)
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -172,8 +269,26 @@ class Transport:
             self._scheduled = True
             self._loop.call_soon(self._drain)
 
+    def _drop(self, reason: str) -> None:
+        self.counters[f"dropped.{reason}"] += 1
+        self.counters["frames_dropped"] += 1
+
     def _drain(self) -> None:
         self._scheduled = False
+        try:
+            self._drain_some()
+        finally:
+            # Also after a failure: the socket's descriptor is edge-triggered, so frames
+            # left waiting would otherwise wait for the next one to arrive.
+            sock = self._router
+            try:
+                more = sock is not None and bool(sock.get(_EVENTS) & _POLLIN)
+            except zmq.ZMQError:
+                more = False
+            if more:
+                self._wake()
+
+    def _drain_some(self) -> None:
         sock = self._router
         n = 0
         # Bounded in count and in time: merging a chunk of records takes ~20 ms, and a
@@ -192,28 +307,32 @@ class Transport:
             n += 1
             self.counters["frames_in"] += 1
             if len(parts) != 2:
-                self.counters["dropped.bad_frame"] += 1
+                self._drop("bad_frame")
                 continue
             try:
                 ftype, sender, reply_to, body = decode(parts[1], self._frame_limit)
             except MeshError as exc:
-                self.counters[f"dropped.{exc.code}"] += 1
+                self._drop(exc.code)
+                continue
+            except Exception:                     # a checker's bug costs one frame only
+                self._drop("decode_error")
+                log.debug("a peer frame failed to decode", exc_info=True)
                 continue
             if sender == self.node_id:
-                self.counters["dropped.from_self"] += 1
+                self._drop("from_self")
                 continue
             try:
                 self.handler(ftype, sender, reply_to, body)
             except Exception:                     # one bad frame must never stop the loop
-                self.counters["dropped.handler_error"] += 1
+                self._drop("handler_error")
                 log.exception("handling a %s frame from %s failed", ftype.name, sender)
+            else:
+                self.counters["frames_handled"] += 1
             sock = self._router
-        if sock is not None and sock.get(_EVENTS) & _POLLIN:
-            self._wake()
 
     def stats(self) -> dict[str, Any]:
         return {"address": self.address, "bound": self.bound, "counters": dict(self.counters),
-                "connections": len(self._peers),
+                "connections": len(self._peers), "transient": len(self._transient),
                 "security": ({"mode": "curve", "key": self.key.fingerprint}
                              if self.key is not None else {"mode": "none"})}
 

@@ -3,6 +3,8 @@ that gives the same visible state whatever the order, duplication or grouping of
 
 - Knowledge is a version vector: for each origin, the highest version up to which this
   node holds every change of that origin (or what superseded it). `digest()` returns it.
+  Which claims of a peer may advance it is the replicator's call (`meshd.mesh.replicator`);
+  `forget_beyond()` takes back knowledge found to be false.
 - `export(origin, after)` lists that origin's records above `after`, oldest first, with
   the version the batch is complete through; records superseded here are not shipped
   (whatever superseded them is shipped under its own origin).
@@ -44,6 +46,18 @@ def known(store: "Store", origin: str) -> int:
     return int(row[0]) if row else 0
 
 
+def origin_count(store: "Store") -> int:
+    """How many other origins this node has knowledge of (each is a digest entry)."""
+    return int(store.conn.execute("SELECT count(*) FROM origins").fetchone()[0])
+
+
+def forget_beyond(store: "Store", origin: str, version: int) -> None:
+    """Lower our knowledge of `origin` to `version` (inside the caller's write
+    transaction): what it claimed beyond was never really held, so it is pulled again."""
+    store.conn.execute("UPDATE origins SET known = ? WHERE origin = ? AND known > ?",
+                       (version, origin, version))
+
+
 def digest(store: "Store") -> dict[str, int]:
     """origin -> version through which this node has all of that origin's changes."""
     out = {o: int(k) for o, k in store.conn.execute("SELECT origin, known FROM origins")}
@@ -54,11 +68,15 @@ def digest(store: "Store") -> dict[str, int]:
 def export(store: "Store", origin: str, after: int, limit: int = 1000
            ) -> tuple[list[dict[str, Any]], int]:
     """Up to `limit` records of `origin` above version `after`, and the version this answer
-    is complete through (the receiver may advance its knowledge to it)."""
+    is complete through (the receiver may advance its knowledge to it). Records held
+    beyond our knowledge (past a gap, or forged) are not shipped: the answer could not
+    claim them, and a receiver drops a batch holding records it does not claim."""
     c = store.conn
+    complete = known(store, origin)
     rows: list[tuple[int, dict[str, Any]]] = []
     for r in c.execute(f"SELECT {_SESSION_COLS} FROM sessions WHERE origin = ? AND version > ? "
-                       "ORDER BY version LIMIT ?", (origin, after, limit)):
+                       "AND version <= ? ORDER BY version LIMIT ?",
+                       (origin, after, complete, limit)):
         rows.append((r[14], {
             "kind": "session", "session_id": r[0], "agent_name": r[1], "agent_type": r[2],
             "status": r[3], "started_at": r[4], "last_ping": r[5], "human_user": r[6],
@@ -66,18 +84,18 @@ def export(store: "Store", origin: str, after: int, limit: int = 1000
             "metadata": _unpack(r[10]), "host": r[11], "deleted": bool(r[12]), "origin": r[13],
             "version": r[14], "hlc": r[15]}))
     for r in c.execute(f"SELECT {_ENTRY_COLS} FROM memory WHERE origin = ? AND version > ? "
-                       "ORDER BY version LIMIT ?", (origin, after, limit)):
+                       "AND version <= ? ORDER BY version LIMIT ?",
+                       (origin, after, complete, limit)):
         rows.append((r[10], {
             "kind": "entry", "entry_id": r[0], "key": r[1], "type": r[2], "value": _unpack(r[3]),
             "session_id": r[4], "timestamp": r[5], "ttl": r[6], "tags": _unpack(r[7]),
             "metadata": _unpack(r[8]), "origin": r[9], "version": r[10], "hlc": r[11]}))
     for r in c.execute("SELECT key, session_id, origin, version, hlc FROM deletions "
-                       "WHERE origin = ? AND version > ? ORDER BY version LIMIT ?",
-                       (origin, after, limit)):
+                       "WHERE origin = ? AND version > ? AND version <= ? ORDER BY version "
+                       "LIMIT ?", (origin, after, complete, limit)):
         rows.append((r[3], {"kind": "deletion", "key": r[0], "session_id": r[1], "origin": r[2],
                             "version": r[3], "hlc": r[4]}))
     rows.sort(key=lambda x: x[0])
-    complete = known(store, origin)
     if len(rows) > limit:
         rows = rows[:limit]
     if rows and (len(rows) == limit):

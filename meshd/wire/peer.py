@@ -32,6 +32,9 @@ DEFAULT_PORT = DEFAULT_PEER_PORT
 MAX_UPDATES = 64
 MAX_MEMBERS = 10_000
 MAX_ORIGINS = 10_000
+#: The largest incarnation a frame may carry. Membership never believes one anywhere near
+#: it (see `meshd.mesh.membership`), so raising an incarnation can never leave this range.
+MAX_INCARNATION = 2**62
 
 
 class FrameType(IntEnum):
@@ -55,13 +58,22 @@ class MemberState(IntEnum):
     LEFT = 3
 
 
+def _digits(v: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' or '١', which int() refuses or
+    reads as another number."""
+    return v.isascii() and v.isdigit()
+
+
 def address(v: Any, field: str = "address") -> str:
-    """"host:port" with a port in 1..65535."""
+    """"host:port" with a port in 1..65535 and a host without blanks or control characters
+    (a frame must not make us hand ZeroMQ an endpoint it cannot even parse)."""
     if not isinstance(v, str) or ":" not in v or len(v) > 300:
         raise InvalidArgument(f"{field} must be 'host:port'")
     host, _, port = v.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not _digits(port) or not 0 < int(port) < 65536:
         raise InvalidArgument(f"{field} must be 'host:port' with a port in 1..65535")
+    if not host.isprintable() or any(c.isspace() or c in "/*;" for c in host):
+        raise InvalidArgument(f"{field} has a malformed host")
     return v
 
 
@@ -76,7 +88,7 @@ def parse_address(v: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
         host, port = v, ""
     if not host:
         raise InvalidArgument(f"no host in address {v!r}")
-    if port and (not port.isdigit() or int(port) > 65535):
+    if port and (not _digits(port) or int(port) > 65535):
         raise InvalidArgument(f"bad port in address {v!r}")
     return host, int(port) if port else default_port
 
@@ -85,10 +97,16 @@ def _update(v: Any) -> tuple[str, str, int, int]:
     if not isinstance(v, list) or len(v) != 4:
         raise InvalidArgument("a member update is [node_id, address, state, incarnation]")
     node, addr, state, inc = v
-    if isinstance(state, bool) or state not in MemberState._value2member_map_:
+    if not _is_int(state) or state not in MemberState._value2member_map_:
         raise InvalidArgument("unknown member state")
     return (s.ident(node, "node_id"), address(addr), int(state),
-            s.count(inc, "incarnation", 0, 2**62))
+            s.count(inc, "incarnation", 0, MAX_INCARNATION))
+
+
+def _is_int(v: Any) -> bool:
+    """A plain msgpack integer: not a bool, a float that equals one, or an array or map
+    (which would not even be hashable for a lookup)."""
+    return type(v) is int
 
 
 def _updates(v: Any, limit: int = MAX_UPDATES) -> list[tuple[str, str, int, int]]:
@@ -189,10 +207,12 @@ def decode(frame: bytes, max_bytes: int) -> tuple[FrameType, str, str, dict[str,
     if not isinstance(msg, list) or len(msg) != 5:
         raise ProtocolError("peer frame must be [version, type, sender, reply_to, body]")
     version, ftype, sender, reply_to, body = msg
-    if isinstance(version, bool) or version not in SUPPORTED:
+    if not _is_int(version):
+        raise ProtocolError("peer protocol version must be an integer")
+    if version not in SUPPORTED:
         raise UnsupportedVersion(f"peer protocol version {version!r} is not supported")
-    if isinstance(ftype, bool) or ftype not in _BODIES:
-        raise ProtocolError(f"unknown peer frame type {ftype!r}")
+    if not _is_int(ftype) or ftype not in _BODIES:
+        raise ProtocolError("unknown peer frame type")
     if not isinstance(body, dict):
         raise ProtocolError("peer frame body must be a map")
     spec = _BODIES[ftype]

@@ -70,8 +70,9 @@ _VALIDATORS: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 def record(d: Any) -> dict[str, Any]:
-    """Validate any replicated record by its `kind`."""
-    if not isinstance(d, dict) or d.get("kind") not in _VALIDATORS:
+    """Validate any replicated record by its `kind` (checked to be a string first: an array
+    or a map there must fail validation, not the lookup)."""
+    if not isinstance(d, dict) or not isinstance(d.get("kind"), str) or d["kind"] not in _VALIDATORS:
         raise InvalidArgument(f"record kind must be one of {', '.join(KINDS)}")
     out = _VALIDATORS[d["kind"]](d)
     check_value(out.get("metadata"), "metadata")
