@@ -12,7 +12,9 @@ import sys
 import click
 
 from meshd import __version__
-from meshd.config import DURABILITY_MODES, Config, default_data_dir, default_socket_path
+from meshd.config import (
+    DURABILITY_MODES, Config, default_data_dir, default_socket_path, prepare_socket_dir,
+)
 from meshd.errors import MeshError
 from meshd.wire.discovery import check_cluster
 from meshd.wire.peer import parse_address
@@ -83,6 +85,10 @@ def _setup_logging(level: str) -> None:
 @click.option("--outbox-max-age", type=click.FloatRange(0.1), default=None, metavar="SECONDS",
               help="How long a message may wait for its recipient's host (default 7 days); "
                    "older ones expire and are reported.")
+@click.option("--stale-after", type=click.FloatRange(1), default=None, metavar="SECONDS",
+              envvar="MESHD_STALE_AFTER",
+              help="Seconds without a ping before a session reads OFFLINE (default 300) "
+                   "[env MESHD_STALE_AFTER].")
 @click.option("--no-mesh", is_flag=True,
               help="Serve this host only: no peer port, no replication.")
 @click.option("--preset", type=click.Choice(["lan", "test"]), default="lan", show_default=True,
@@ -95,7 +101,7 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
          cluster: str | None, interfaces: tuple[str, ...], discovery: bool,
          discovery_max_peers: int | None, discovery_max_resolves: int | None,
          key_file: str | None, gen_key: str | None, outbox_max_age: float | None,
-         no_mesh: bool, preset: str, log_level: str) -> None:
+         stale_after: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
     from meshd.mesh.security import generate_key_file, load_key
@@ -148,6 +154,8 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["discovery_max_resolves"] = discovery_max_resolves
     if outbox_max_age is not None:
         overrides["outbox_max_age"] = outbox_max_age
+    if stale_after is not None:
+        overrides["session_stale_after"] = stale_after
     if key_file is None and "MESHD_KEY_FILE" in os.environ:
         key_file = os.environ["MESHD_KEY_FILE"]  # (click drops an empty one: refused below)
     if key_file is not None:                     # an empty value is refused, not "no key"
@@ -164,6 +172,11 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
                 raise click.BadParameter(str(exc), param_hint=hint) from None
     config = base.with_(**overrides)
     try:
+        # Before the store opens and the mesh starts: a socket directory another user
+        # controls, or a file in the socket's place, is refused, never used or deleted.
+        problem = prepare_socket_dir(config.socket_path, config.socket_mode)
+        if problem:
+            raise MeshError(problem)
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         asyncio.run(serve(config))
     except MeshError as exc:

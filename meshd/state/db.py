@@ -12,17 +12,31 @@ with a per-session sequence number.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from meshd.errors import StoreError
+from meshd.state.journal import JOURNAL_NAME, SEGMENTS
+
+log = logging.getLogger("meshd.store")
 
 SCHEMA_VERSION = 5
 DB_NAME = "meshd.db"
 #: flock'ed by the daemon (exclusively) and by directory-mode stores (shared).
 LOCK_FILE = "lock"
 CACHE_KIB = 4 * 1024         # page cache per connection (RSS); the OS page cache holds the rest
+#: What the WAL file is cut back to once checkpointed (SQLite's journal_size_limit), and
+#: above which a checkpoint empties it at once: a WAL grown by a burst of writes would
+#: otherwise keep its size for good, space a full disk then lacks to start again.
+WAL_KEEP = 4 * 1024 * 1024
+#: Every file of a data directory: owner-only, whatever the umask (the database is every
+#: session's memory and messages; the service's data dir is owner-only as well).
+FILE_MODE = 0o600
+PRIVATE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", LOCK_FILE,
+                 *(f"{JOURNAL_NAME}.{i}" for i in range(SEGMENTS)))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -183,21 +197,36 @@ def connect(data_dir: str | Path, durability: str = "process",
     and automatic checkpoints are off so that copying the WAL back into the database never
     lands inside a client's commit; the daemon calls `checkpoint()` from a timer instead.
     (Its flock on LOCK_FILE keeps other daemons and directory-mode stores out before
-    SQLite would, with a clearer error: see `lock_shared`.)
+    SQLite would, with a clearer error: see `lock_shared`.) The daemon also refuses a
+    damaged database (`_quick_check`), makes the directory's files owner-only, and starts
+    by folding a WAL left by a crash back into the database, which shrinks it.
     """
     path = Path(data_dir)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if exclusive:
+            tighten_modes(path)
+        # SQLite would create it 0644 (less the umask), and the WAL after it.
+        os.close(os.open(path / DB_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE))
         conn = sqlite3.connect(str(path / DB_NAME), isolation_level=None,
                                check_same_thread=False, timeout=30.0)
+        if exclusive:
+            # Before WAL mode is first used: the WAL index then lives in process memory
+            # and no -shm file is ever made, which a full disk could refuse at start.
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
         conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute(f"PRAGMA cache_size={-CACHE_KIB}")
         if exclusive:
-            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            _quick_check(conn, path / DB_NAME)
+            try:
+                checkpoint(conn, path, truncate=True)
+            except sqlite3.Error as exc:           # (a full disk) it is tried again later
+                log.warning("could not fold the WAL back into %s at start: %s", DB_NAME, exc)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"{path / DB_NAME} has schema {version}, newer than this meshd "
@@ -213,7 +242,68 @@ def connect(data_dir: str | Path, durability: str = "process",
             conn.execute("COMMIT")
         return conn
     except sqlite3.Error as exc:
+        if sqlite_code(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            raise StoreError(_damaged(path / DB_NAME, str(exc))) from exc
         raise StoreError(f"cannot open the database in {path}: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"cannot open the database in {path}: {exc}") from exc
+
+
+SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, SQLITE_NOTADB = 10, 11, 13, 26
+
+
+def sqlite_code(exc: BaseException | None) -> int | None:
+    """SQLite's primary result code of an error (None when it is not SQLite's)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether an error (or the SQLite error behind a StoreError) says the database could
+    not be written for want of space: SQLITE_FULL, or an I/O error, which is how some
+    writes on a full disk fail."""
+    cause = exc if isinstance(exc, sqlite3.Error) else exc.__cause__
+    return sqlite_code(cause) in (SQLITE_FULL, SQLITE_IOERR)
+
+
+def _quick_check(conn: sqlite3.Connection, file: Path) -> None:
+    """Refuse a damaged database at start, with what to do about it, rather than serve
+    from it and fail later inside some search. (quick_check reads every page and checks
+    the b-trees' structure; it does not check the text inside each value.)"""
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        raise StoreError(_damaged(file, "; ".join(str(p) for p in problems)))
+
+
+def _damaged(file: Path, detail: str) -> str:
+    return (f"the database {file} is damaged ({detail}); meshd will not serve from it. "
+            f"Stop everything using it and keep a copy of the directory, then restore "
+            f"{file.name} from a backup, or recover what is readable with `sqlite3 {file} "
+            f".recover | sqlite3 {file}.recovered` and move that file in its place (and "
+            f"{file.name}-wal away), or move {file.name} and {file.name}-wal aside to start "
+            f"empty (the peers of a mesh send the replicated state back)")
+
+
+def tighten_modes(path: Path) -> None:
+    """Make the files of a data directory owner-only, saying so: older versions left
+    them as the umask gave (0644: readable by every local user)."""
+    for name in PRIVATE_FILES:
+        f = path / name
+        try:
+            st = f.lstat()
+        except OSError:
+            continue                    # not there (SQLite or the daemon makes it 0600)
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077:
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        try:
+            os.chmod(f, FILE_MODE)
+        except OSError as exc:
+            log.warning("%s is readable by other users (mode %04o) and could not be made "
+                        "owner-only: %s", f, mode, exc)
+            continue
+        log.warning("%s was readable by other users (mode %04o): made it owner-only (%04o)",
+                    f, mode, FILE_MODE)
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -225,10 +315,6 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(buf)
             buf = ""
 
-
-
-#: WAL size above which a checkpoint also truncates the file.
-TRUNCATE_WAL_ABOVE = 256 * 1024 * 1024
 
 
 def lock_shared(data_dir: str | Path) -> int:
@@ -247,11 +333,13 @@ def lock_shared(data_dir: str | Path) -> int:
     return fd
 
 
-def checkpoint(conn: sqlite3.Connection, data_dir: str | Path) -> None:
-    """Copy the WAL back into the database; truncate the WAL when it has grown large."""
+def checkpoint(conn: sqlite3.Connection, data_dir: str | Path, truncate: bool = False) -> None:
+    """Copy the WAL back into the database; empty the WAL file when it has grown past
+    WAL_KEEP (or `truncate`), so it never keeps the size of a past burst."""
     wal = Path(data_dir) / (DB_NAME + "-wal")
-    try:
-        big = wal.stat().st_size > TRUNCATE_WAL_ABOVE
-    except OSError:
-        big = False
-    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})")
+    if not truncate:
+        try:
+            truncate = wal.stat().st_size > WAL_KEEP
+        except OSError:
+            truncate = False
+    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")

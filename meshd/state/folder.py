@@ -33,6 +33,7 @@ class FoldThread:
         self.checkpoint_interval = checkpoint_interval
         self.folded = 0
         self.checkpoints = 0
+        self.checkpoint_failures = 0      # in a row, until one works again
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="meshd-fold", daemon=True)
@@ -75,8 +76,17 @@ class FoldThread:
                 return
 
     def _checkpoint(self) -> None:
+        """A failure is said once, not every interval (a full disk fails them all until
+        space is freed), and so is the recovery."""
         try:
             self.store.checkpoint()
-            self.checkpoints += 1
         except Exception as exc:              # keep folding; try again next time
-            log.warning("checkpoint failed: %s", exc)
+            if not self.checkpoint_failures:
+                log.warning("checkpoint failed (retried every %gs, said again once it "
+                            "works): %s", self.checkpoint_interval, exc)
+            self.checkpoint_failures += 1
+            return
+        self.checkpoints += 1
+        if self.checkpoint_failures:
+            log.info("checkpoints work again, after %d failed", self.checkpoint_failures)
+            self.checkpoint_failures = 0

@@ -10,6 +10,7 @@ counters are re-read at the start of every write transaction.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -25,6 +26,11 @@ from meshd.errors import StoreError
 from meshd.state import commands, db
 from meshd.state.hlc import HLC
 from meshd.state.journal import Journal
+
+log = logging.getLogger("meshd.store")
+
+#: Seconds between a read's attempts to fold queued writes while the disk is full.
+READ_FOLD_RETRY = 1.0
 
 #: Writes that may be acknowledged from the journal: nothing about them can fail once
 #: they are validated and checked, so folding them later gives the same answer.
@@ -64,6 +70,9 @@ class Store:
             raise
         # Blind writes (memory sets) go through a journal when the daemon asks for one.
         self.journal: Journal | None = None
+        self.journal_damage: dict[str, int] = {}        # what the replay had to skip
+        self._read_fold_retry_at = 0.0                  # see fold_for_read
+        self._replay_deferred = False                   # see enable_journal
         self.pending: list[list[Any]] = []
         self.folding: list[list[Any]] | None = None    # handed to the fold thread
         self._folded = False
@@ -135,15 +144,32 @@ class Store:
 
     def enable_journal(self, fsync: bool) -> int:
         """Log blind writes before SQLite (daemon only); folds in what a crash left behind.
-        Returns how many records were recovered."""
+        Returns how many records were folded in (damaged spots are logged and counted in
+        `journal_damage`). On a full disk they stay queued, and in the journal, until a
+        fold finds room: the daemon still starts and serves what is committed, instead
+        of staying down until someone frees space. Until then nothing is handed off, so
+        the first fold that works is a `flush()` of everything, which then empties both
+        segments: records already folded never linger there, where a crash would fold
+        them again over a later delete."""
         self.journal = Journal(self.data_dir, fsync=fsync)
         recovered = self.journal.read_all()
+        self.journal_damage = self.journal.damage_counters()
         if recovered:
             for rec in recovered:
                 self.version = max(self.version, int(rec[2]))   # messages log version 0
                 self.hlc.witness(int(rec[3]))
             self.pending = recovered
-            self.flush()
+            try:
+                self.flush()
+            except StoreError as exc:
+                if not db.out_of_space(exc):
+                    raise
+                log.error("%d journaled write(s) left by the last run cannot be folded into "
+                          "the database yet (%s): they stay in the journal and fold once "
+                          "there is room; reads are served without them until then",
+                          len(recovered), exc)
+                self._replay_deferred = True
+                return 0
         self.journal.clear()
         return len(recovered)
 
@@ -208,7 +234,8 @@ class Store:
     def hand_off(self) -> bool:
         """Loop thread: give the queued records to the fold thread. False when a batch is
         still out or nothing is queued."""
-        if self.folding is not None or not self.pending or self.journal is None:
+        if (self.folding is not None or not self.pending or self.journal is None
+                or self._replay_deferred):
             return False
         self.folding, self.pending = self.pending, []
         self._folding_segment = self.journal.rotate()
@@ -235,9 +262,27 @@ class Store:
         self.folding = None
         return True
 
+    def fold_for_read(self) -> None:
+        """Before a read: fold what is queued, so that a client reads its own acknowledged
+        writes. On a full disk the read goes on from what is committed rather than fail
+        too (the writes stay journaled and queued, and fold once there is room); reads
+        then try again at most every READ_FOLD_RETRY seconds, not each at the cost of a
+        failing transaction."""
+        if not self.unfolded or time.monotonic() < self._read_fold_retry_at:
+            return
+        try:
+            self.flush()
+        except StoreError as exc:
+            if not db.out_of_space(exc):
+                raise
+            self._read_fold_retry_at = time.monotonic() + READ_FOLD_RETRY
+            log.warning("reads are served without %d acknowledged write(s) the full disk "
+                        "keeps out of the database for now: %s",
+                        len(self.pending) + len(self.folding or ()), exc)
+
     def flush(self) -> int:
         """Fold every queued journal record into SQLite now, in this thread. Every read
-        and every other write calls this first."""
+        (`fold_for_read`) and every other write calls this first."""
         if not self.unfolded:
             return 0
         with self.lock:
@@ -254,8 +299,9 @@ class Store:
                     self.pending = records + self.pending
                     raise
                 n += len(records)
-                if self.journal is not None:
-                    self.journal.clear(self.journal.active)
+                if self.journal is not None:     # (a deferred replay: both held only these)
+                    self.journal.clear(None if self._replay_deferred else self.journal.active)
+                self._replay_deferred = False
             if self.folding is not None:
                 self.finish_hand_off()
             return n
@@ -430,8 +476,8 @@ class Store:
             if self._in_tx:
                 yield
                 return
-            if fold and self.unfolded:
-                self.flush()
+            if fold:
+                self.fold_for_read()
             self.conn.execute("BEGIN")
             self._in_tx = True
             try:
@@ -503,7 +549,7 @@ class Store:
                 self.journal = None
             if not self._in_tx:
                 try:
-                    db.checkpoint(self.conn, self.data_dir)
+                    db.checkpoint(self.conn, self.data_dir, truncate=True)
                 except sqlite3.Error:
                     pass
             try:

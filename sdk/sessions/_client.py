@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from meshd.config import Config, candidate_socket_paths
+from meshd.config import Config, candidate_socket_paths, socket_dir_problem
 from meshd.errors import DaemonUnavailable, MeshError, ProtocolError, Timeout, TooLarge, from_code
 from meshd.wire.ipc import ERROR, EVENT, OK, decode_reply, encode_request
 
@@ -59,7 +59,12 @@ def resolve_socket(path: str | None = None) -> str:
 
 
 def check_listening(path: str) -> None:
-    """Raise DaemonUnavailable unless a process accepts connections on `path`."""
+    """Raise DaemonUnavailable unless a process accepts connections on `path`, in a
+    directory no other user controls (else whoever does could be listening there in the
+    daemon's place: see `socket_dir_problem`)."""
+    problem = socket_dir_problem(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise DaemonUnavailable(f"refusing to connect to meshd: {problem}")
     if not os.path.exists(path):
         raise DaemonUnavailable(f"meshd is not running: no socket at {path}; {_START_HINT}")
     probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
