@@ -16,7 +16,8 @@ import errno
 import logging
 import os
 import socket as pysocket
-from collections import Counter
+import time
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +26,8 @@ import zmq.asyncio
 
 from meshd.config import Config
 from meshd.errors import MeshError, StoreError
-from meshd.ipc.streams import Streams
-from meshd.state import commands
+from meshd.ipc.streams import Limits, Streams
+from meshd.state import commands, sessions
 from meshd.state.folder import FoldThread
 from meshd.state.store import JOURNALED, Store
 from meshd.wire.ipc import (
@@ -40,6 +41,8 @@ log = logging.getLogger("meshd.ipc")
 MAX_SOCKET_PATH = 107
 
 NodeInfo = Callable[[], dict[str, Any]]
+#: The daemon's answer to a mesh control command (mesh.join, mesh.leave, mesh.force_leave).
+Control = Callable[[str, dict[str, Any]], Any]
 
 #: A request to run: (client ident, req_id, command, validated args, batch group or None).
 Work = tuple[bytes, int, str, dict[str, Any], "int | None"]
@@ -47,6 +50,15 @@ Work = tuple[bytes, int, str, dict[str, Any], "int | None"]
 #: Commands whose answer is a session record (or None) and those answering a list of them.
 _ONE_SESSION = frozenset({"session.get", "session.register"})
 _SESSIONS = frozenset({"session.list", "session.find"})
+
+#: A batch of more requests than this (that are not all journaled writes) is served a
+#: slice at a time, _SLICE requests a transaction, within a time budget per loop turn.
+_DEFER_OVER = 16
+_SLICE = 4
+#: Slices waiting at most; past it no new request is read until they are served.
+_MAX_DEFERRED = 256
+#: Bytes of answers to one batch frame at most; items past it get a too_large error.
+_BATCH_REPLY_BYTES = 16 << 20
 
 # Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call on the hot path.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -105,7 +117,12 @@ class HostStates:
         """Add `host_state` to the session records in a command's answer (in place: the
         rows are fresh). The status itself the store already reads as OFFLINE when the
         host is not up, without rewriting the replicated row."""
-        rows = result if command in _SESSIONS else [result] if command in _ONE_SESSION else ()
+        if isinstance(result, dict) and "items" in result:    # a page of a list
+            result_rows = result["items"]
+        else:
+            result_rows = result
+        rows = (result_rows if command in _SESSIONS else [result] if command in _ONE_SESSION
+                else ())
         for row in rows:
             if isinstance(row, dict):
                 row["host_state"] = self(row.get("host"))
@@ -117,23 +134,30 @@ class IPCServer:
 
     def __init__(self, config: Config, store: Store, ctx: zmq.asyncio.Context,
                  node_info: NodeInfo, peers: Callable[[], list[dict[str, Any]]] | None = None,
-                 on_commit: Callable[[], None] | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None,
+                 control: Control | None = None) -> None:
         self.config = config
         self.store = store
         self.path = config.socket_path
         self.node_info = node_info
         self.peers = peers
+        self.control = control
         # Told after writes reach SQLite (replication pushes them to peers).
         self.on_commit = on_commit or (lambda: None)
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(store.journal_damage)   # (kept at start)
         self._ctx = ctx
         self._sock: zmq.asyncio.Socket | None = None
         self._raw: zmq.Socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self._deferred: deque[list[Work]] = deque()    # slices of a big batch still to serve
+        self._reply_bytes: dict[tuple[bytes, int | None], int] = {}   # per deferred batch
+        self._deferred_scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
         self._folder: FoldThread | None = None
-        self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout)
+        self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout,
+                               Limits(config.stream_sub_bytes, config.stream_total_bytes,
+                                      config.stream_max_per_client, config.stream_max_total))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -142,7 +166,7 @@ class IPCServer:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)        # unroutable reply -> error, not silence
-        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, 1_000)             # frames queued per client at most
         sock.setsockopt(zmq.RCVHWM, 10_000)
         # Hard cap far above the protocol limit: frames between the two get a clear
         # too_large error reply; beyond it ZeroMQ drops the connection before buffering.
@@ -194,10 +218,29 @@ class IPCServer:
 
     def housekeeping(self) -> None:
         self.streams.publish(self.store.take_events())   # from writes folded by timers
+        self._keep_watched_alive()
         self._recheck()
         dropped = self.streams.expire()
         if dropped:
             log.info("dropped %d idle stream subscription(s)", dropped)
+
+    def _keep_watched_alive(self) -> None:
+        """A session someone follows (an open stream: a handler, `subscribe`, `sessions
+        watch`) is in use: ping it before it would go stale, so an agent that listens is
+        not shown OFFLINE just because nothing else pinged for it."""
+        watched = [k for k in self.streams.by_key if k is not None]
+        if not watched:
+            return
+        cutoff = self.store.now() - self.config.session_stale_after / 4
+        try:
+            with self.store.write():
+                pinged = sessions.keep_alive(self.store, watched, cutoff)
+        except MeshError as exc:
+            log.warning("keeping watched sessions alive failed: %s", exc)
+            return
+        if pinged:
+            self.counters["keepalive.pings"] += pinged
+            self.on_commit()
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -220,8 +263,8 @@ class IPCServer:
         until ZeroMQ says nothing is left, a batch at a time."""
         self._scheduled = False
         raw = self._raw
-        if raw is None:
-            return
+        if raw is None or len(self._deferred) >= _MAX_DEFERRED:
+            return                                  # (it wakes us when it has room again)
         batch: list[list[bytes]] = []
         budget = 4 * self.config.max_frame_bytes       # a few big batch frames at most
         try:
@@ -304,6 +347,13 @@ class IPCServer:
         # thread; a batch with anything else is one group commit on the loop.
         journaled = (self._folder is not None and bool(store_work)
                      and all(w[2] in JOURNALED for w in store_work))
+        if not journaled and len(store_work) > _DEFER_OVER:
+            # Many reads (or mixed writes) at once, e.g. one batch frame of hundreds of
+            # searches: served a slice at a time, within a time budget per loop turn, so
+            # other clients and the peer port are not held up (see `_serve_deferred`).
+            self._deferred.extend(store_work[i:i + _SLICE]
+                                  for i in range(0, len(store_work), _SLICE))
+            store_work = []
         if journaled:
             results = self._run_journaled(store_work)
         elif store_work:
@@ -331,6 +381,53 @@ class IPCServer:
             except Exception:                    # one bad command must not skip the rest
                 log.exception("command %s failed", command)
                 self.counters["internal_errors"] += 1
+        if self._deferred and not self._deferred_scheduled:
+            self._serve_deferred()
+
+    def _serve_deferred(self) -> None:
+        """Serve deferred slices until this turn's time budget is spent, then yield to the
+        loop and go on at the next turn. No new request is read meanwhile (`_drain`
+        waits), so a greedy client meets backpressure in its own socket queue."""
+        self._deferred_scheduled = False
+        deadline = time.monotonic() + self.config.ipc_turn_budget
+        while self._deferred:
+            work = self._deferred.popleft()
+            results = self._run_store_batch(work)
+            grouped: dict[bytes, list[bytes]] = {}
+            for w, frame in zip(work, results):
+                if w[4] is None:
+                    self._send(w[0], frame)
+                else:
+                    grouped.setdefault(w[0], []).append(self._budgeted(w, frame))
+            for ident, frames in grouped.items():      # (a batch's answers may come in
+                for out in encode_batch_replies(frames, self.config.max_frame_bytes):
+                    self._send(ident, out)             # several frames)
+            self.streams.publish(self.store.take_events())
+            self.on_commit()
+            if time.monotonic() >= deadline:
+                break
+        if self._deferred:
+            self.counters["turns_deferred"] += 1
+            assert self._loop is not None
+            self._deferred_scheduled = True
+            self._loop.call_soon(self._serve_deferred)
+        else:
+            self._reply_bytes.clear()
+        self._recheck()                                 # requests that waited meanwhile
+
+    def _budgeted(self, w: Work, frame: bytes) -> bytes:
+        """An answer to an item of a batch frame, unless that frame's answers already
+        reached _BATCH_REPLY_BYTES: then a too_large error (a batch of hundreds of big
+        reads must not make the daemon hold hundreds of megabytes for one client)."""
+        key = (w[0], w[4])
+        used = self._reply_bytes.get(key, 0) + len(frame)
+        self._reply_bytes[key] = used
+        if used <= _BATCH_REPLY_BYTES:
+            return frame
+        self.counters["rejected.batch_reply_bytes"] += 1
+        return encode_error(w[1], "too_large", f"the answers to this batch passed "
+                            f"{_BATCH_REPLY_BYTES >> 20} MiB; send fewer reads per batch, "
+                            f"or page them (limit/offset)")
 
     def _reject(self, replies: list[tuple[bytes, bytes]], ident: bytes | None, req_id: int | None,
                 code: str, message: str) -> None:
@@ -468,8 +565,8 @@ class IPCServer:
         try:
             # A lone read is one statement: SQLite's implicit transaction is enough
             # (after folding in journaled sets, so it reads them).
-            if read_only and len(work) == 1 and self.store.unfolded:
-                self.store.flush()
+            if read_only and len(work) == 1:
+                self.store.fold_for_read()
             # (It still holds the store's lock: the fold thread shares the connection.)
             tx = (self.store.lock if read_only and len(work) == 1
                   else self.store.read() if read_only else self.store.write())
@@ -527,6 +624,8 @@ class IPCServer:
                 result = self.node_info()
             elif command == "mesh.peers":
                 result = self.peers() if self.peers is not None else []
+            elif command.startswith("mesh.") and self.control is not None:
+                result = self.control(command, args)
             else:                                   # validate_args knows it, we do not
                 raise MeshError(f"command {command!r} is not served here")
             self._send(ident, encode_reply(req_id, OK, result))
@@ -561,4 +660,9 @@ class IPCServer:
                 "checkpoints": folder.checkpoints if folder else 0,
                 "unfolded": len(self.store.pending) + len(self.store.folding or ()),
                 "pushed": self.streams.pushed,
-                "dropped_subscriptions": self.streams.dropped_subscriptions}
+                "dropped_subscriptions": self.streams.dropped_subscriptions,
+                "streams": {"unacked_bytes": self.streams.inflight_bytes,
+                            "followed": len(self.streams.by_key),
+                            "heads": len(self.streams.heads),
+                            "paused": len(self.streams.paused),
+                            "refused": self.streams.refused}}

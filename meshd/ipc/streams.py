@@ -6,6 +6,11 @@ the node-wide message log. Events go out on the subscribe request's req_id. At m
 flooded and ZeroMQ never has to drop a frame; when a client falls behind, the rest is
 read back from the store once it acks. Subscriptions that neither ack nor renew within
 `idle_timeout` are dropped (the client resubscribes from its cursor when it returns).
+
+A client that subscribes and never reads must not pin the daemon's memory: what is
+pushed and not yet acknowledged is bounded in bytes per stream and over all streams (a
+stream over its share pauses, and resumes from its cursor when acks make room), streams
+are bounded per client connection and in all, and a stream's state goes with it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from meshd.errors import InvalidArgument, NotFound
+from meshd.errors import InvalidArgument, NotFound, TooLarge
 from meshd.state import messages
 from meshd.state.store import Store
 from meshd.wire.ipc import EVENT, encode_reply
@@ -38,16 +44,34 @@ class Subscription:
     sent: int            # highest seq pushed (or skipped by the type filter)
     acked: int           # highest seq the client confirmed
     last_seen: float = field(default_factory=time.monotonic)
+    inflight: deque[tuple[int, int]] = field(default_factory=deque)   # (seq, bytes) unacked
+    inflight_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what subscribers may hold (see the module docstring)."""
+
+    sub_bytes: int = 1 << 20
+    total_bytes: int = 64 << 20
+    per_client: int = 64
+    total: int = 4096
 
 
 class Streams:
     """All live subscriptions of one daemon."""
 
-    def __init__(self, store: Store, send: SendFn, window: int, idle_timeout: float) -> None:
+    def __init__(self, store: Store, send: SendFn, window: int, idle_timeout: float,
+                 limits: Limits | None = None) -> None:
         self.store = store
         self.send = send
         self.window = window
         self.idle_timeout = idle_timeout
+        self.limits = limits or Limits()
+        self.inflight_bytes = 0                  # over all streams
+        self.paused: set[Subscription] = set()   # held back by the total, not their own share
+        self.per_client: dict[bytes, int] = {}
+        self.refused = 0
         self.subs: dict[int, Subscription] = {}
         self.by_key: dict[str | None, set[Subscription]] = {}
         # The highest seq known per stream (read at subscribe, raised by every published
@@ -60,6 +84,14 @@ class Streams:
 
     def subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         session_id = args["session_id"]
+        if len(self.subs) >= self.limits.total:
+            self.refused += 1
+            raise TooLarge(f"this daemon serves {self.limits.total} streams already; "
+                           f"try again later")
+        if self.per_client.get(ident, 0) >= self.limits.per_client:
+            self.refused += 1
+            raise TooLarge(f"this connection has {self.limits.per_client} streams open "
+                           f"already; close one first")
         with self.store.lock:
             head = messages.head(self.store, session_id)
         start = head if args["cursor"] is None else args["cursor"]
@@ -71,6 +103,7 @@ class Streams:
                            frozenset(args["types"] or ()), max(1, window), start, start)
         self.subs[sub.sub_id] = sub
         self.by_key.setdefault(session_id, set()).add(sub)
+        self.per_client[ident] = self.per_client.get(ident, 0) + 1
         return {"sub": sub.sub_id, "cursor": start, "head": head}
 
     def _get(self, ident: bytes, sub_id: int) -> Subscription:
@@ -83,8 +116,26 @@ class Streams:
         sub = self._get(ident, args["sub"])
         sub.acked = max(sub.acked, min(args["cursor"], sub.sent))
         sub.last_seen = time.monotonic()
+        freed = self._release(sub)
         self.pump(sub)
+        if freed and self.paused:
+            self._resume()
         return {"sub": sub.sub_id, "acked": sub.acked}
+
+    def _release(self, sub: Subscription) -> int:
+        """Forget the bytes of events the subscriber has acknowledged; how many."""
+        freed = 0
+        while sub.inflight and sub.inflight[0][0] <= sub.acked:
+            freed += sub.inflight.popleft()[1]
+        sub.inflight_bytes -= freed
+        self.inflight_bytes -= freed
+        return freed
+
+    def _resume(self) -> None:
+        """Room was made under the total: let paused streams go on, a few at a time."""
+        for sub in list(self.paused)[:16]:
+            self.paused.discard(sub)
+            self.pump(sub)
 
     def close(self, ident: bytes, args: dict[str, Any]) -> bool:
         sub = self._get(ident, args["sub"])
@@ -92,18 +143,46 @@ class Streams:
         return True
 
     def _drop(self, sub: Subscription) -> None:
-        self.subs.pop(sub.sub_id, None)
+        if self.subs.pop(sub.sub_id, None) is None:
+            return
         group = self.by_key.get(sub.session_id)
         if group is not None:
             group.discard(sub)
-            if not group:
+            if not group:                       # nobody follows it: forget its head too
                 del self.by_key[sub.session_id]
+                self.heads.pop(sub.session_id, None)
+        n = self.per_client.get(sub.ident, 0) - 1
+        if n > 0:
+            self.per_client[sub.ident] = n
+        else:
+            self.per_client.pop(sub.ident, None)
+        self.inflight_bytes -= sub.inflight_bytes
+        sub.inflight.clear()
+        sub.inflight_bytes = 0
+        self.paused.discard(sub)
+        if self.paused:
+            self._resume()
+
+    def _full(self, sub: Subscription) -> bool:
+        """Over its own share of unacknowledged bytes, or the daemon over its total (then
+        it waits in `paused` for others' acks)."""
+        if sub.inflight_bytes >= self.limits.sub_bytes:
+            return True
+        if self.inflight_bytes >= self.limits.total_bytes:
+            self.paused.add(sub)
+            return True
+        return False
 
     def _push(self, sub: Subscription, seq: int, message: dict[str, Any]) -> bool:
+        if self._full(sub):
+            return False
         frame = encode_reply(sub.req_id, EVENT, {"sub": sub.sub_id, "seq": seq, "message": message})
         if not self.send(sub.ident, frame):
             return False
         sub.sent = seq
+        sub.inflight.append((seq, len(frame)))
+        sub.inflight_bytes += len(frame)
+        self.inflight_bytes += len(frame)
         self.pushed += 1
         return True
 
@@ -112,9 +191,12 @@ class Streams:
         behind: set[Subscription] = set()
         heads = self.heads
         for key, seq, message in events:
+            group = self.by_key.get(key)
+            if not group:
+                continue                        # nobody follows it: nothing to remember
             if seq > heads.get(key, 0):
                 heads[key] = seq
-            for sub in list(self.by_key.get(key, ())):
+            for sub in list(group):
                 if sub in behind or sub.sub_id not in self.subs:
                     continue
                 if sub.sent != seq - 1 or sub.sent - sub.acked >= sub.window:
@@ -130,7 +212,7 @@ class Streams:
         """Send what the subscriber lacks, from the store, up to its window."""
         for _ in range(1000):                    # bounded: each round moves the cursor forward
             room = sub.window - (sub.sent - sub.acked)
-            if room <= 0 or sub.sub_id not in self.subs:
+            if room <= 0 or sub.sub_id not in self.subs or self._full(sub):
                 return
             if sub.sent >= self.heads.get(sub.session_id, 0):
                 return                           # nothing committed beyond it yet

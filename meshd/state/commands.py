@@ -6,8 +6,11 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any, Callable
 
-from meshd.errors import StoreError, UnknownCommand
+import msgpack
+
+from meshd.errors import StoreError, TooLarge, UnknownCommand
 from meshd.state import memory, messages, sessions
+from meshd.wire.ipc import PAGED
 
 if TYPE_CHECKING:
     from meshd.state.store import Store
@@ -64,12 +67,47 @@ READ_ONLY = frozenset({
 })
 
 
+#: Rows a list command may answer without `limit` (more is refused: page instead).
+MAX_UNPAGED_ROWS = 10_000
+#: Bytes of rows in one page, about (a page has at least one row whatever its size).
+PAGE_BYTES = 1 << 20
+#: Bytes an unpaged answer may have.
+MAX_UNPAGED_BYTES = 4 << 20
+
+
 def run(store: "Store", command: str, args: dict[str, Any]) -> Any:
     """Run a validated command inside the caller's transaction."""
     handler = HANDLERS.get(command)
     if handler is None:
         raise UnknownCommand(f"unknown command {command!r}")
     try:
+        if command in PAGED:
+            return _paged(store, handler, command, args)
         return handler(store, args)
     except sqlite3.Error as exc:
         raise StoreError(f"database error: {exc}") from exc
+
+
+def _paged(store: "Store", handler: Handler, command: str, args: dict[str, Any]) -> Any:
+    """A list command, bounded: the handlers read `limit`/`offset` (one row more than
+    asked, to know whether more follow), so no answer holds more than a page in memory.
+    A greedy or old client that asks for everything gets at most MAX_UNPAGED_ROWS."""
+    limit, offset = args.get("limit"), args.get("offset", 0)
+    want = MAX_UNPAGED_ROWS if limit is None else limit
+    rows = handler(store, {**args, "limit": want + 1, "offset": offset})
+    if limit is None:
+        if len(rows) > MAX_UNPAGED_ROWS or sum(
+                len(msgpack.packb(r, use_bin_type=True)) for r in rows) > MAX_UNPAGED_BYTES:
+            raise TooLarge(f"the answer to {command} is over {MAX_UNPAGED_ROWS} rows or "
+                           f"{MAX_UNPAGED_BYTES >> 20} MiB: ask for pages with limit and "
+                           f"offset (the SDK does)")
+        return rows
+    more = len(rows) > limit
+    page, size = [], 0
+    for row in rows[:limit]:
+        size += len(msgpack.packb(row, use_bin_type=True))
+        if page and size > PAGE_BYTES:
+            more = True
+            break
+        page.append(row)
+    return {"items": page, "more": more}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from meshd.state.hlc import physical_ms
+from meshd.state.paging import page_sql
 from meshd.wire.schema import MemoryType
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def get_all(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
-    return _query(store, "m.key = ?", (a["key"],))
+    return _query(store, "m.key = ?", (a["key"],), _NEWEST + page_sql(a))
 
 
 def _glob(pattern: str) -> str:
@@ -114,7 +115,7 @@ def _glob(pattern: str) -> str:
 
 
 def search(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
-    return _query(store, "m.key GLOB ?", (_glob(a["pattern"]),))
+    return _query(store, "m.key GLOB ?", (_glob(a["pattern"]),), _NEWEST + page_sql(a))
 
 
 def by_tags(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
@@ -125,11 +126,11 @@ def by_tags(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
     having = f"HAVING COUNT(*) = {len(tags)}" if a["match_all"] else ""
     where = (f"m.entry_id IN (SELECT entry_id FROM memory_tags WHERE tag IN ({marks}) "
              f"GROUP BY entry_id {having})")
-    return _query(store, where, tuple(tags))
+    return _query(store, where, tuple(tags), _NEWEST + page_sql(a))
 
 
 def by_session(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
-    return _query(store, "m.session_id = ?", (a["session_id"],))
+    return _query(store, "m.session_id = ?", (a["session_id"],), _NEWEST + page_sql(a))
 
 
 def _delete(store: "Store", key: str | None, session_id: str | None) -> int:

@@ -107,6 +107,15 @@ def _record(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, str], dict[st
 
 R = _REQUIRED
 SID = (s.ident, R)
+#: Result pages of list commands (see PAGED): at most MAX_PAGE rows an answer.
+MAX_PAGE = 1000
+
+
+def _limit(v: Any, f: str) -> int:
+    return s.count(v, f, 1, MAX_PAGE)
+
+
+PAGE = {"limit": (_limit, _ABSENT), "offset": (s.count, _ABSENT)}
 
 COMMANDS: dict[str, Validator] = {
     # registry
@@ -118,40 +127,52 @@ COMMANDS: dict[str, Validator] = {
     "session.get": _spec(session_id=SID),
     "session.update_status": _spec(session_id=SID, status=(_status, R),
                                    current_task=(s.opt_text, _ABSENT)),
-    "session.list": _spec(include_offline=(s.boolean, False)),
+    "session.list": _spec(include_offline=(s.boolean, False), **PAGE),
     "session.find": _spec(status=(_opt_status, None), agent_type=(s.opt_text, None),
-                          human_user=(s.opt_text, None), capability=(s.opt_text, None)),
+                          human_user=(s.opt_text, None), capability=(s.opt_text, None),
+                          **PAGE),
     "session.stats": _spec(),
     "session.clear_offline": _spec(),
     "session.import": _spec(session=(_record(s.session_record), R)),
     # messages
     "message.send": _spec(message=(_record(s.message_record), R)),
     "message.list": _spec(session_id=SID, include_broadcasts=(s.boolean, True),
-                          message_type=(_opt_msgtype, None), unread_only=(s.boolean, False)),
+                          message_type=(_opt_msgtype, None), unread_only=(s.boolean, False),
+                          **PAGE),
     "message.conversation": _spec(message_id=(s.ident, R)),
     "message.mark_read": _spec(session_id=SID, message_ids=(s.str_list, None)),
     "message.stats": _spec(),
     "message.status": _spec(message_id=(s.ident, R)),
-    "message.sent": _spec(session_id=SID),
+    "message.sent": _spec(session_id=SID, **PAGE),
     # shared memory
     "memory.set": _spec(entry=(_record(s.entry_record), R)),
     "memory.get": _spec(key=(s.key, R)),
-    "memory.get_all": _spec(key=(s.key, R)),
-    "memory.search": _spec(pattern=(s.key, R)),
-    "memory.by_tags": _spec(tags=(s.str_list, R), match_all=(s.boolean, False)),
-    "memory.by_session": _spec(session_id=SID),
+    "memory.get_all": _spec(key=(s.key, R), **PAGE),
+    "memory.search": _spec(pattern=(s.key, R), **PAGE),
+    "memory.by_tags": _spec(tags=(s.str_list, R), match_all=(s.boolean, False), **PAGE),
+    "memory.by_session": _spec(session_id=SID, **PAGE),
     "memory.delete": _spec(key=(s.key, R), session_id=(s.opt_ident, None)),
     "memory.clear": _spec(session_id=(s.opt_ident, None)),
     "memory.stats": _spec(),
     # the daemon itself and its mesh
     "node.info": _spec(),
     "mesh.peers": _spec(),
+    "mesh.join": _spec(address=(s.address, R)),
+    "mesh.leave": _spec(),
+    "mesh.force_leave": _spec(node=(s.ident, R)),
     # live streams (served by the IPC layer, not the store)
     "stream.subscribe": _spec(session_id=(s.opt_ident, None), cursor=(_opt_count, None),
                               types=(_msgtypes, None), window=(_opt_count, None)),
     "stream.ack": _spec(sub=(s.count, R), cursor=(s.count, R)),
     "stream.close": _spec(sub=(s.count, R)),
 }
+
+
+#: List commands that answer in pages: given `limit` (and `offset`), the answer is
+#: {"items": [...], "more": bool}, the items also cut to about a frame's size; without
+#: `limit`, a plain list, refused as too large past a bound (the SDK always pages).
+PAGED = frozenset({"session.list", "session.find", "message.list", "message.sent",
+                   "memory.get_all", "memory.search", "memory.by_tags", "memory.by_session"})
 
 
 def validate_args(command: str, args: Any) -> dict[str, Any]:

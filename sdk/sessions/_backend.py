@@ -13,7 +13,7 @@ from meshd.errors import InvalidArgument
 from meshd.state.store import Store
 from meshd.wire.ipc import validate_args
 from sessions._client import Client, shared_client
-from sessions._ops import Op
+from sessions._ops import Op, collect_pages
 
 _stores: dict[str, Store] = {}
 _stores_lock = threading.Lock()
@@ -41,6 +41,9 @@ class DaemonBackend:
 
     def run(self, op: Op) -> Any:
         args = validate_args(op.command, op.args)        # bad input fails before sending
+        if op.paged:
+            return op.convert(collect_pages(lambda at: self.client.call(
+                op.command, validate_args(op.command, op.page(at["offset"])))))
         return op.result(args, self.client.call(op.command, args))
 
 
@@ -58,6 +61,12 @@ class DirectoryBackend:
                                "mode": "directory"})
         if op.command == "mesh.peers":
             return op.convert([])                 # a directory has no peers
+        if op.command.startswith("mesh."):
+            raise InvalidArgument(f"{op.command} needs a daemon: a sessions directory is "
+                                  f"not part of a mesh")
+        if op.paged:
+            return op.convert(collect_pages(lambda at: self.store.execute(
+                op.command, validate_args(op.command, op.page(at["offset"])))))
         return op.result(args, self.store.execute(op.command, args))
 
 

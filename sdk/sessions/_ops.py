@@ -24,9 +24,34 @@ class Op:
     args: dict[str, Any]
     convert: Callable[[Any], Any]
     echo: str | None = None
+    paged: bool = False          # a list read: asked for in pages (see `pages`)
 
     def result(self, args: dict[str, Any], answer: Any) -> Any:
         return self.convert(args[self.echo] if self.echo else answer)
+
+    def page(self, offset: int) -> dict[str, Any]:
+        """The arguments asking for the page at `offset`."""
+        return {**self.args, "limit": PAGE_ROWS, "offset": offset}
+
+
+#: Rows asked for per page of a list read. The daemon bounds each answer (rows, and about
+#: a frame's bytes), so a big registry or memory comes in several round trips instead of
+#: one answer that would hold the daemon (and this process) for long.
+PAGE_ROWS = 500
+#: Pages per call at most (a bound on the loop: 5 million rows).
+MAX_PAGES = 10_000
+
+
+def collect_pages(fetch: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    """All items of a paged read, page after page until the daemon says no more follow.
+    `fetch(args_offset)` returns one page's answer, {"items", "more"}."""
+    items: list[Any] = []
+    for _ in range(MAX_PAGES):
+        answer = fetch({"offset": len(items)})
+        items.extend(answer["items"])
+        if not answer["more"] or not answer["items"]:
+            return items
+    raise InvalidArgument(f"more than {MAX_PAGES} pages: narrow the query")
 
 
 def _same(x: Any) -> Any:
@@ -89,13 +114,14 @@ def update_status(session_id: str, status: SessionStatus | str,
 
 
 def list_sessions(include_offline: bool = False) -> Op:
-    return Op("session.list", {"include_offline": include_offline}, _sessions)
+    return Op("session.list", {"include_offline": include_offline}, _sessions, paged=True)
 
 
 def find_sessions(status: SessionStatus | str | None = None, agent_type: str | None = None,
                   human_user: str | None = None, capability: str | None = None) -> Op:
     return Op("session.find", {"status": _enum(status), "agent_type": agent_type,
-                               "human_user": human_user, "capability": capability}, _sessions)
+                               "human_user": human_user, "capability": capability}, _sessions,
+              paged=True)
 
 
 def registry_stats() -> Op:
@@ -151,7 +177,7 @@ def get_messages(session_id: str, include_broadcasts: bool = True,
                  message_type: MessageType | str | None = None, unread_only: bool = False) -> Op:
     return Op("message.list", {"session_id": session_id, "include_broadcasts": include_broadcasts,
                                "message_type": _enum(message_type), "unread_only": unread_only},
-              _messages)
+              _messages, paged=True)
 
 
 def get_conversation(message_id: str) -> Op:
@@ -176,7 +202,7 @@ def message_status(message_id: str) -> Op:
 
 def sent_messages(session_id: str) -> Op:
     return Op("message.sent", {"session_id": session_id},
-              lambda rows: [_status(r) for r in rows])
+              lambda rows: [_status(r) for r in rows], paged=True)
 
 
 def hub_stats() -> Op:
@@ -203,20 +229,20 @@ def memory_get_entry(key: str) -> Op:
 
 
 def memory_get_all(key: str) -> Op:
-    return Op("memory.get_all", {"key": key}, _entries)
+    return Op("memory.get_all", {"key": key}, _entries, paged=True)
 
 
 def memory_search(key_pattern: str) -> Op:
-    return Op("memory.search", {"pattern": key_pattern}, _entries)
+    return Op("memory.search", {"pattern": key_pattern}, _entries, paged=True)
 
 
 def memory_by_tags(tags: list[str], match_all: bool = False) -> Op:
     return Op("memory.by_tags", {"tags": [] if tags is None else tags,
-                                 "match_all": match_all}, _entries)
+                                 "match_all": match_all}, _entries, paged=True)
 
 
 def memory_by_session(session_id: str) -> Op:
-    return Op("memory.by_session", {"session_id": session_id}, _entries)
+    return Op("memory.by_session", {"session_id": session_id}, _entries, paged=True)
 
 
 def memory_delete(key: str, session_id: str | None = None) -> Op:
@@ -237,3 +263,15 @@ def node_info() -> Op:
 
 def peers() -> Op:
     return Op("mesh.peers", {}, _same)
+
+
+def join(address: str) -> Op:
+    return Op("mesh.join", {"address": address}, _same)
+
+
+def leave() -> Op:
+    return Op("mesh.leave", {}, _same)
+
+
+def force_leave(node: str) -> Op:
+    return Op("mesh.force_leave", {"node": node}, _same)

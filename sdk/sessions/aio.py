@@ -17,18 +17,19 @@ from typing import Any, Callable
 
 import zmq
 
-from meshd.errors import DaemonUnavailable, MeshError, Timeout, TooLarge
+from meshd.errors import DaemonUnavailable, InvalidArgument, MeshError, Timeout, TooLarge
 from meshd.wire.ipc import (
     BATCH, BATCHABLE, ERROR, OK, decode_reply, encode_item, encode_items, validate_args,
 )
 from sessions import _ops as ops
-from sessions._backend import directory_store
+from sessions._backend import DirectoryBackend
 from sessions._client import (
     MAX_REPLY_BYTES, check_listening, default_timeout, new_dealer, raise_error, resolve_socket,
 )
 from meshd.config import Config
 from meshd.wire.schema import enum_value
 from sessions._stream import DirectoryStream, MessageStream, Stream
+from sessions.keepalive import DEFAULT_INTERVAL, AsyncKeepAlive
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 
 log = logging.getLogger("sessions.aio")
@@ -200,14 +201,25 @@ class AsyncClient:
 class _AsyncBase:
     def __init__(self, path: str | os.PathLike[str] | None = None, *, socket: str | None = None,
                  timeout: float | None = None, client: AsyncClient | None = None) -> None:
-        self._store = directory_store(path) if path is not None else None
+        # A directory is served in this process, as by the blocking classes.
+        self._dir = DirectoryBackend(path) if path is not None else None
+        self._store = self._dir.store if self._dir is not None else None
         self._client = None if path is not None else (client or AsyncClient(socket, timeout))
 
     async def _run(self, op: ops.Op) -> Any:
+        if self._dir is not None:
+            return self._dir.run(op)
         args = validate_args(op.command, op.args)
-        if self._store is not None:
-            return op.result(args, self._store.execute(op.command, args))
         assert self._client is not None
+        if op.paged:
+            items: list[Any] = []
+            for _ in range(ops.MAX_PAGES):
+                answer = await self._client.call(
+                    op.command, validate_args(op.command, op.page(len(items))))
+                items.extend(answer["items"])
+                if not answer["more"] or not answer["items"]:
+                    return op.convert(items)
+            raise InvalidArgument(f"more than {ops.MAX_PAGES} pages: narrow the query")
         return op.result(args, await self._client.call(op.command, args))
 
     async def close(self) -> None:
@@ -252,6 +264,23 @@ class AsyncSessionRegistry(_AsyncBase):
     async def peers(self) -> list[dict[str, Any]]:
         return await self._run(ops.peers())
 
+    async def node_info(self) -> dict[str, Any]:
+        return await self._run(ops.node_info())
+
+    def keepalive(self, session_id: str, interval: float = DEFAULT_INTERVAL) -> AsyncKeepAlive:
+        """`async with registry.keepalive(id):` pings the session every `interval` seconds
+        from a task on the running loop (NotFound at once if it is not registered)."""
+        return AsyncKeepAlive(self.ping, session_id, interval)
+
+    async def join(self, address: str) -> dict[str, Any]:
+        return await self._run(ops.join(address))
+
+    async def leave(self) -> dict[str, Any]:
+        return await self._run(ops.leave())
+
+    async def force_leave(self, node: str) -> dict[str, Any]:
+        return await self._run(ops.force_leave(node))
+
 
 class AsyncMessageStream:
     """The asyncio face of a message stream: `async for msg in stream`, or
@@ -293,7 +322,7 @@ class AsyncCollaborationHub(_AsyncBase):
                  client: AsyncClient | None = None) -> None:
         if messages_path is None and registry is not None:
             super().__init__(None, socket=socket, timeout=timeout, client=registry._client)
-            self._store, self._client = registry._store, registry._client
+            self._dir, self._store, self._client = registry._dir, registry._store, registry._client
             self._owns_client = False
         else:
             super().__init__(messages_path, socket=socket, timeout=timeout, client=client)
