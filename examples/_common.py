@@ -2,6 +2,7 @@
 
     python examples/X.py          this host's meshd (MESHD_SOCKET=PATH picks another socket)
     python examples/X.py DIR      no daemon: everything lives in the directory DIR
+                                  (DIR comes first, before any option of the script)
 
 With no argument, `SessionRegistry`, `CollaborationHub` and `SharedMemory` below are the
 `sessions` SDK's own classes, so the seed code in the examples runs exactly as written.
@@ -24,6 +25,8 @@ from sessions import SessionsError
 __all__ = ["DIRECTORY", "SessionRegistry", "CollaborationHub", "SharedMemory", "where"]
 
 DIRECTORY: str | None = sys.argv[1] if len(sys.argv) > 1 else None
+if DIRECTORY is not None and DIRECTORY.startswith("-"):   # an option (`keepalive.py --seconds 2`)
+    DIRECTORY = None
 
 if DIRECTORY is None:
     from sessions import CollaborationHub, SessionRegistry, SharedMemory

@@ -5,8 +5,8 @@ deployment state from shared memory.
 Needs a running `meshd` on this host: start one with `meshd` (or use the system service,
 see docs/systemd.md). To try it by hand without touching the default paths:
 
-    meshd --socket /tmp/m.sock --data-dir /tmp/md &
-    MESHD_SOCKET=/tmp/m.sock python examples/task_handoff.py
+    meshd --socket /tmp/m/m.sock --data-dir /tmp/m/data --no-discovery &
+    MESHD_SOCKET=/tmp/m/m.sock python examples/task_handoff.py
 
 With a directory argument it needs no daemon and keeps everything in that directory:
 

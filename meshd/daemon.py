@@ -62,7 +62,8 @@ class Daemon:
             await self.mesh.start()
         self.ipc = IPCServer(cfg, self.store, self._ctx, self.info,
                              peers=self.mesh.peers if self.mesh else None,
-                             on_commit=self.mesh.committed if self.mesh else None)
+                             on_commit=self.mesh.committed if self.mesh else None,
+                             control=self.control)
         await self.ipc.start()
         if self.mesh is not None:
             self.mesh.router.on_delivered = self.ipc.publish_events
@@ -70,6 +71,13 @@ class Daemon:
         log.info("meshd %s ready: node %s, data in %s, durability=%s, peers on %s",
                  __version__, self.store.node_id, cfg.data_dir, cfg.durability,
                  self.mesh.address if self.mesh else "(no mesh)")
+        if self.mesh is not None and self.mesh.security().get("exposed"):
+            log.warning("peers are not authenticated: anyone who can reach %s can join this "
+                        "mesh and read and write its sessions, messages and memory. On a "
+                        "network you do not fully trust, make a cluster key once "
+                        "(meshd --gen-key FILE), copy it to every host and start each "
+                        "daemon with --key-file FILE (or bind to 127.0.0.1)",
+                        self.mesh.address)
 
     def _lock_data_dir(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -110,6 +118,21 @@ class Daemon:
                 "uptime": round(time.time() - self._started_at, 3),
                 "peer_address": self.mesh.address if self.mesh else None,
                 "mesh": self.mesh.stats() if self.mesh else None, **self.ipc.stats()}
+
+    def control(self, command: str, args: dict[str, Any]) -> Any:
+        """Mesh control from the local API (`sessions join`, `leave`, `force-leave`)."""
+        if self.mesh is None:
+            raise MeshError("this daemon runs without a mesh (--no-mesh)")
+        if command == "mesh.join":
+            return self.mesh.join(args["address"])
+        if command == "mesh.force_leave":
+            return self.mesh.force_leave(args["node"])
+        if command == "mesh.leave":
+            # Answer first, then leave as on SIGTERM: the peers hear LEFT, the daemon stops.
+            log.info("leaving the mesh and stopping, as asked over the local API")
+            asyncio.get_running_loop().call_later(0.05, self.request_stop)
+            return {"node_id": self.store.node_id if self.store else None, "state": "leaving"}
+        raise MeshError(f"command {command!r} is not served here")
 
     def request_stop(self) -> None:
         self._stopped.set()

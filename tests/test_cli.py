@@ -147,9 +147,15 @@ def test_subprocess_directory_mode_needs_no_daemon(short_tmp):
     from sessions import SharedMemory
     d = str(short_tmp / "state")
     env = subprocess_env(MESHD_SOCKET=str(short_tmp / "none.sock"))
+    # A directory that does not exist is a usage error (a typo must not start an empty
+    # registry elsewhere), unless --create says to make it.
     r = run_cli(["--dir", d, "memory-set", "a", "k", '{"n": 1}'], env)
+    assert r.returncode == 2 and "--create" in r.stderr and not os.path.exists(d), r.stderr
+    r = run_cli(["--dir", d, "--create", "memory-set", "a", "k", '{"n": 1}'], env)
     assert r.returncode == 0, r.stderr
     assert SharedMemory(d).get("k") == {"n": 1}         # shared with the SDK on the same dir
+    r = run_cli(["--dir", d, "memory-get", "k"], env)  # exists now: no --create needed
+    assert r.returncode == 0 and '{"n": 1}' in r.stdout, r.stderr
 
 
 # --- daemon not running / gone, in process -----------------------------------------------------
@@ -208,16 +214,19 @@ def test_register_list_and_stats_block_as_in_the_seed(daemon):
     ok(daemon, "register", "agent-002", "Agent-2", "GPT-4", "--user", "Alexa")
     ok(daemon, "status", "agent-002", "working")
 
+    import socket
+    host = socket.gethostname()
     lines = [x.rstrip() for x in ok(daemon, "list").lines]
-    # the seed document's table, verbatim (up to trailing blanks)
-    assert lines[0] == "SESSION ID           AGENT           TYPE       STATUS     USER"
+    # the seed document's table, verbatim, then the HOST column (where each runs)
+    assert lines[0] == "SESSION ID           AGENT           TYPE       STATUS     USER" \
+                       "           HOST"
     assert lines[1] == "=" * 82
     assert lines[2:4] == [
-        "cece-001             Cece            Claude     active     Alexa",
-        "agent-002            Agent-2         GPT-4      working    Alexa",
+        f"cece-001             Cece            Claude     active     Alexa          {host}",
+        f"agent-002            Agent-2         GPT-4      working    Alexa          {host}",
     ] or lines[2:4] == [
-        "agent-002            Agent-2         GPT-4      working    Alexa",
-        "cece-001             Cece            Claude     active     Alexa",
+        f"agent-002            Agent-2         GPT-4      working    Alexa          {host}",
+        f"cece-001             Cece            Claude     active     Alexa          {host}",
     ], lines
     assert lines[4] == ""
     assert lines[5] == "📊 Stats:"
@@ -237,6 +246,9 @@ def test_list_all_and_unregister(daemon):
         ok(daemon, "register", sid, sid.upper(), "T")
     r = ok(daemon, "unregister", "b")
     assert r.out.strip() == "✅ Unregistered session: b"
+    # the plain list says what it left out
+    assert "   (1 offline session not shown; --all lists them)" in ok(daemon, "list").lines
+    assert not any("not shown" in x for x in ok(daemon, "list", "--all").lines)
     assert reg.get("b").status == SessionStatus.OFFLINE
 
     ids = [x.split()[0] for x in ok(daemon, "list").lines[2:] if x and x[0] not in " 📊"]
@@ -545,9 +557,15 @@ def test_info_human_and_json(daemon):
     assert info["socket"] == daemon.socket
     assert set(info) == set(sdk)
     assert isinstance(info["counters"], dict) and info["counters"]["requests"] >= 1
-    lines = ok(daemon, "info").lines
-    assert f"node_id: {sdk['node_id']}" in lines
-    assert f"pid: {daemon.pid}" in lines
+    out = ok(daemon, "info").out
+    # readable sections, not Python dicts
+    for section in ("Node", "Mesh", "Routing", "Local API", "Store"):
+        assert any(line.endswith(section) for line in out.splitlines()), (section, out)
+    fields = {k.strip(): v.strip() for k, _, v in
+              (line.partition(":") for line in out.splitlines() if ":" in line)}
+    assert fields["node id"] == sdk["node_id"] and fields["pid"] == str(daemon.pid)
+    assert fields["security"].startswith("open (no cluster key), loopback only")
+    assert "{" not in out and "[" not in out, out
 
 
 def test_usage_errors_exit_2_and_change_nothing(daemon):
@@ -574,6 +592,8 @@ def test_directory_mode_every_command(short_tmp):
     from sessions import CollaborationHub, SessionRegistry, SharedMemory
     d = str(short_tmp / "state")
     other = str(short_tmp / "other")
+    os.makedirs(d)
+    os.makedirs(other)
 
     def at(*args, code=0):
         r = invoke("--socket", str(short_tmp / "none.sock"), "--dir", d, *args)

@@ -508,3 +508,22 @@ def test_names_that_never_resolve_hold_at_most_the_resolve_cap(lab, lan):
     assert watch.most["resolving"] <= 4, watch.most
     assert watch.slowest < 2.0, f"node info + peers took {watch.slowest:.2f}s"
     assert peer_states(d) == {} and d.alive()
+
+
+@needs_lab
+def test_an_open_daemon_on_a_real_network_says_so(lan, short_tmp):
+    """Unauthenticated peers on a non-loopback address: one warning at start saying how
+    to set a cluster key, and `info`/`peers` show the security mode."""
+    from conftest import subprocess_env
+    key = short_tmp / "cluster.key"
+    r = subprocess.run([sys.executable, "-m", "meshd", "--gen-key", str(key)],
+                       capture_output=True, text=True, timeout=30, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    open_node, keyed = lan(2, args_for=lambda i: ["--key-file", str(key)] if i else [])
+    assert open_node.log().count("peers are not authenticated") == 1
+    assert "--key-file" in open_node.log() and "--gen-key" in open_node.log()
+    assert "peers are not authenticated" not in keyed.log()
+    out = run_cli(["peers"], env=open_node.env()).stdout
+    assert "Security: OPEN: peers are not authenticated" in out, out
+    out = run_cli(["info"], env=keyed.env()).stdout
+    assert "cluster key" in out and "traffic encrypted" in out, out

@@ -10,9 +10,12 @@ Serf's reconnect), and announces a graceful leave on shutdown.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -20,6 +23,7 @@ import zmq
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.mesh.discovery import Discovery
+from meshd.mesh.handshake import SILENT_PEER, HandshakeProbe
 from meshd.mesh.membership import Member, Membership
 from meshd.mesh.replicator import Replicator
 from meshd.mesh.router import Router
@@ -32,6 +36,23 @@ from meshd.wire.peer import FrameType, MemberState
 log = logging.getLogger("meshd.mesh")
 
 _PEERS_KEY = "peers"
+
+
+@dataclass
+class PendingJoin:
+    """A seed address that has not answered yet, and why, for `sessions peers`."""
+
+    address: str
+    since: float                       # monotonic time of the first attempt
+    attempts: int = 0
+    reason: str = "not tried yet"
+    source: str = "join"               # join (--join, `sessions join`), known, discovered
+    cause: str = ""                    # what a handshake probe found (`handshake.py`)
+    probed_at: float = 0.0
+
+    def view(self, now: float) -> dict[str, Any]:
+        return {"address": self.address, "since": round(now - self.since, 1),
+                "attempts": self.attempts, "reason": self.reason, "source": self.source}
 
 
 class Mesh:
@@ -47,11 +68,14 @@ class Mesh:
                             "owner (whoever holds the key is a member): chmod 0600",
                             config.key_file)
             self.auth = Authenticator(ctx, key)
+        self._ctx, self._key = ctx, key
+        self._probes: dict[str, HandshakeProbe] = {}
         self.transport = Transport(config, ctx, store.node_id, self._on_frame, key)
         self.membership = Membership(config, self.transport, store.node_id, self._on_change)
         self.replicator = Replicator(config, store, self.membership, self.transport)
         self.router = Router(config, store, self.membership, self.transport)
         self._seeds: dict[str, tuple[float, float]] = {}    # address -> (next try, backoff)
+        self._pending: dict[str, PendingJoin] = {}          # seeds not answered yet: why
         self._joined: set[str] = set()
         self._discovered: set[str] = set()     # seed addresses that came from mDNS
         self._next_reconnect = 0.0
@@ -75,12 +99,13 @@ class Mesh:
         self.membership.start()
         self.replicator.start()
         self.router.start()
-        seeds = list(self.config.join) + [a for a in self.store.get_meta(_PEERS_KEY, [])
-                                          if isinstance(a, str)]
+        known = [a for a in self.store.get_meta(_PEERS_KEY, []) if isinstance(a, str)]
         now = time.monotonic()
-        for addr in dict.fromkeys(seeds):
+        for addr in dict.fromkeys(list(self.config.join) + known):
             if addr != self.address:
                 self._seeds[addr] = (now, self.config.join_retry)
+                self._pending[addr] = PendingJoin(
+                    addr, now, source="join" if addr in self.config.join else "known")
         self._next_reconnect = now + self.config.reconnect_interval
         self._task = asyncio.get_running_loop().create_task(self._join_loop())
         if self.config.discovery:
@@ -107,6 +132,9 @@ class Mesh:
                     await self._task
                 except (asyncio.CancelledError, Exception):
                     pass
+            for probe in self._probes.values():
+                probe.close()
+            self._probes.clear()
             await self.membership.stop()
             await self.replicator.stop()
             await self.router.stop()
@@ -128,16 +156,135 @@ class Mesh:
             for addr, (when, backoff) in list(self._seeds.items()):
                 if addr in self._joined:
                     del self._seeds[addr]
+                    self._joined_seed(addr)
                 elif when <= now:
-                    self.replicator.send_sync(addr, reply=True)
+                    problem = await self._resolves(addr)
+                    if problem is None:
+                        self.replicator.send_sync(addr, reply=True)
                     nxt = min(backoff * 2, self.config.join_retry_max)
                     self._seeds[addr] = (now + backoff, nxt)
+                    self._attempted(addr, problem)
+            self._probe_silent_seeds(now)
             if now >= self._next_reconnect:
                 self._next_reconnect = now + self.config.reconnect_interval
                 self._reconnect()
             if self._save_peers:
                 self._persist_peers()
             await asyncio.sleep(min(self.config.join_retry, 1.0))
+
+    async def _resolves(self, addr: str) -> str | None:
+        """Why a seed named by host name cannot be reached (it does not resolve), or None.
+        ZeroMQ itself would just stay silent about it."""
+        host = addr.rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            pass
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                host, None, type=socket.SOCK_STREAM), timeout=2.0)
+            return None
+        except (OSError, asyncio.TimeoutError) as exc:
+            return f"the name {host!r} does not resolve ({exc or 'timed out'})"
+
+    def _attempted(self, addr: str, problem: str | None) -> None:
+        """Count an attempt and say why it is still pending; log with backoff (the 1st
+        name failure, then the 2nd, 4th, 8th... silent attempt), so a wrong --join is
+        visible without flooding the log."""
+        p = self._pending.get(addr)
+        if p is None:
+            p = self._pending[addr] = PendingJoin(addr, time.monotonic())
+        p.attempts += 1
+        if problem is None and p.cause:
+            problem = f"no answer after {p.attempts} attempt(s): {p.cause}"
+        elif problem is None:
+            key = (" with the same cluster key (--key-file)" if self.auth is not None
+                   else " without a cluster key, as this node has none")
+            problem = (f"no answer after {p.attempts} attempt(s): is meshd running there, "
+                       f"reachable over TCP,{key}?")
+        p.reason = problem
+        if p.source != "discovered" and p.attempts & (p.attempts - 1) == 0 and (
+                p.attempts >= 2 or "resolve" in problem):
+            log.warning("joining %s: %s (retrying, at most every %.0f s)", addr, problem,
+                        self.config.join_retry_max)
+
+    def _probe_silent_seeds(self, now: float) -> None:
+        """Find out why seeds stay silent (a few at a time, each at most every 30 s), so
+        `sessions peers` and the log can say "key mismatch" rather than "no answer"."""
+        for addr, probe in list(self._probes.items()):
+            verdict = probe.verdict()
+            if verdict is None and addr in self._seeds:
+                continue
+            probe.close()
+            del self._probes[addr]
+            p = self._pending.get(addr)
+            if p is None or verdict is None:
+                continue
+            cause = verdict or SILENT_PEER
+            if cause != p.cause and p.source != "discovered":
+                log.warning("joining %s: %s", addr, cause)
+            p.cause, p.reason = cause, f"no answer after {p.attempts} attempt(s): {cause}"
+        for addr, p in self._pending.items():
+            if len(self._probes) >= 4:
+                break
+            if (addr in self._seeds and addr not in self._probes and p.attempts >= 2
+                    and "resolve" not in p.reason and now - p.probed_at >= 30.0):
+                p.probed_at = now
+                try:
+                    self._probes[addr] = HandshakeProbe(self._ctx, addr, self._key)
+                except (zmq.ZMQError, ValueError) as exc:
+                    log.debug("cannot probe %s: %s", addr, exc)
+
+    def _joined_seed(self, addr: str) -> None:
+        p = self._pending.pop(addr, None)
+        if p is not None and p.attempts > 1:
+            log.info("joined %s after %d attempt(s)", addr, p.attempts)
+
+    def join(self, address: str) -> dict[str, Any]:
+        """`sessions join`: knock at `address` now and keep trying with backoff, as a
+        --join seed (Serf's join, without waiting: the answer is where it stands)."""
+        if address == self.address:
+            raise MeshError(f"{address} is this daemon's own address")
+        m = next((m for m in self.membership.members.values()
+                  if m.address == address and m.up), None)
+        if m is not None:
+            return {"address": address, "state": "member", "node_id": m.node_id}
+        now = time.monotonic()
+        self._joined.discard(address)
+        self._pending[address] = PendingJoin(address, now, source="join")
+        self._seeds[address] = (now, self.config.join_retry)
+        return {"address": address, "state": "pending"}
+
+    def pending_joins(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [p.view(now) for a, p in sorted(self._pending.items()) if a in self._seeds]
+
+    def force_leave(self, node: str) -> dict[str, Any]:
+        """`sessions force-leave`: an operator says a member that is down is gone for good
+        (Serf's force-leave): it is marked left everywhere, so its sessions read offline
+        as departed rather than failed, and mail queued for it expires now instead of
+        waiting for a host that will not return. A member that is up is refused (it would
+        refute the rumour and stay)."""
+        matches = [m for m in self.membership.members.values()
+                   if m.node_id == node or (len(node) >= 6 and m.node_id.startswith(node))]
+        if not matches:
+            from meshd.errors import NotFound
+            raise NotFound(f"no member {node!r} (see `sessions peers`)")
+        if len(matches) > 1:
+            raise MeshError(f"{node!r} names {len(matches)} members; give more of the id")
+        m = matches[0]
+        if m.state == MemberState.ALIVE:
+            raise MeshError(f"member {m.node_id[:12]} ({m.address}) is alive; force-leave is "
+                            f"for members that are down")
+        self.membership.apply([(m.node_id, m.address, int(MemberState.LEFT), m.incarnation)])
+        dropped = self.router.forget_destination(m.node_id)
+        self._seeds.pop(m.address, None)
+        self._pending.pop(m.address, None)
+        log.warning("force-leave: member %s (%s) marked left; %d queued item(s) for it "
+                    "expired", m.node_id[:12], m.address, dropped)
+        return {"node_id": m.node_id, "address": m.address, "state": "left",
+                "expired": dropped}
 
     def _reconnect(self) -> None:
         """Knock on a few members declared dead. A SYNC carries our member table, so one
@@ -165,6 +312,8 @@ class Mesh:
             self.replicator.send_sync(addr, reply=True)      # now, not at the next tick
             self._seeds[addr] = (now + self.config.join_retry,
                                  min(self.config.join_retry * 2, self.config.join_retry_max))
+            if addr not in self._pending:
+                self._pending[addr] = PendingJoin(addr, now, 1, "no answer yet", "discovered")
 
     def _is_up_member(self, node_id: str, addresses: list[str]) -> bool:
         """An up member at one of these addresses (a fake announcement of a member's id
@@ -179,6 +328,7 @@ class Mesh:
             if addr in self._discovered and addr not in self.config.join:
                 self._discovered.discard(addr)
                 self._seeds.pop(addr, None)
+                self._pending.pop(addr, None)
 
     def _persist_peers(self) -> None:
         self._save_peers = False
@@ -245,14 +395,31 @@ class Mesh:
             out.append(p)
         return out
 
+    def security(self) -> dict[str, Any]:
+        """How peers are admitted, for `sessions info` and `peers`."""
+        if self.auth is not None:
+            return {"mode": "cluster-key", "fingerprint": self.auth.key.fingerprint,
+                    "encrypted": True}
+        return {"mode": "open", "encrypted": False, "exposed": not _loopback(self.address)}
+
     def stats(self) -> dict[str, Any]:
         return {"address": self.address, "incarnation": self.membership.incarnation,
+                "security": self.security(), "pending_joins": self.pending_joins(),
                 "members": len(self.membership.members),
                 "alive": len(self.membership.alive()),
                 "refutations": self.membership.false_refutations,
                 "wrong_node_pings": self.membership.wrong_node_pings,
+                "membership": self.membership.stats(),
                 "transport": self.transport.stats(),
                 "auth": dict(self.auth.counters) if self.auth is not None else None,
                 "replication": self.replicator.stats(),
                 "routing": self.router.stats(),
                 "discovery": self.discovery.stats() if self.discovery else {"state": "off"}}
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -414,6 +414,19 @@ class Router:
             self.counters["expired_waiting"] += 1
             log.warning("message %s to %s expired: no session with that id registered "
                         "within the outbox's age limit", mid, to)
+        self._report_expired(gone)
+        return len(gone) + len(unclaimed)
+
+    def forget_destination(self, node_id: str) -> int:
+        """Everything queued for `node_id` expires now (it was force-left: the operator
+        says it will not come back); senders see "expired" at once. How many items."""
+        with self.store.write(keeps_routes=True):
+            gone = messages.expire_outbox(self.store, int(self.config.outbox_max_age * 1000),
+                                          self.config.outbox_max, only=node_id)
+        self._report_expired(gone)
+        return len(gone)
+
+    def _report_expired(self, gone: list[tuple[str, str, str]]) -> None:
         for dest in {d for _, d, _ in gone}:
             # What is cached or in flight for it may include expired items: start over
             # from the outbox.
@@ -427,7 +440,6 @@ class Router:
             self.counters["expired"] += 1
             log.warning("message %s %s node %s expired in the outbox (undelivered)", mid,
                         "forwarded to" if kind == "fwd" else "to", dest[:12])
-        return len(gone) + len(unclaimed)
 
     def stats(self) -> dict[str, Any]:
         with self.store.read(fold=False):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from meshd.state import sessions
+from meshd.state.paging import page_sql
 from meshd.wire.schema import MessageType
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def list_inbox(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
     if a["unread_only"]:
         where.append("i.read = 0")
     sql = (f"SELECT {_COLS} FROM inbox i JOIN messages m ON m.message_id = i.message_id "
-           f"WHERE {' AND '.join(where)} ORDER BY m.priority = 'high' DESC, i.seq")
+           f"WHERE {' AND '.join(where)} ORDER BY m.priority = 'high' DESC, i.seq{page_sql(a)}")
     return [_row(r) for r in store.conn.execute(sql, params)]
 
 
@@ -349,17 +350,23 @@ def outbox_acked(store: "Store", dest: str, lane: int, through: int) -> int:
     return max(cur.rowcount, 0)
 
 
-def expire_outbox(store: "Store", max_age_ms: int, max_items: int
+def expire_outbox(store: "Store", max_age_ms: int, max_items: int, only: str | None = None
                   ) -> list[tuple[str, str, str]]:
     """Drop queued items older than `max_age_ms`, or beyond `max_items` per destination
-    (oldest first); their messages read as expired there (messages sent from here).
-    Returns (message_id, dest, kind) for every item dropped, to be reported."""
+    (oldest first), or every item for destination `only` when given; their messages
+    read as expired there (messages sent from here). Returns (message_id, dest, kind)
+    for every item dropped, to be reported."""
     now_ms = int(store.now() * 1000)
-    doomed = store.conn.execute(
-        "SELECT dest, lane, seq, kind, message_id FROM outbox WHERE queued_ms < ?",
-        (now_ms - max_age_ms,)).fetchall()
+    if only is not None:
+        doomed = store.conn.execute("SELECT dest, lane, seq, kind, message_id FROM outbox "
+                                    "WHERE dest = ?", (only,)).fetchall()
+    else:
+        doomed = store.conn.execute(
+            "SELECT dest, lane, seq, kind, message_id FROM outbox WHERE queued_ms < ?",
+            (now_ms - max_age_ms,)).fetchall()
     for dest, n in store.conn.execute(
-            "SELECT dest, COUNT(*) FROM outbox GROUP BY dest HAVING COUNT(*) > ?", (max_items,)):
+            "SELECT dest, COUNT(*) FROM outbox GROUP BY dest HAVING COUNT(*) > ?",
+            (max_items,)).fetchall() if only is None else ():
         doomed += store.conn.execute(
             "SELECT dest, lane, seq, kind, message_id FROM outbox WHERE dest = ? "
             "ORDER BY queued_ms, lane, seq LIMIT ?", (dest, n - max_items)).fetchall()
@@ -590,7 +597,7 @@ def sent(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
     """The messages a session sent through this daemon, oldest first, with their state."""
     rows = store.conn.execute(
         f"SELECT {_COLS} FROM messages m WHERE m.from_session = ? AND m.origin = ? "
-        f"ORDER BY m.seq", (a["session_id"], store.node_id)).fetchall()
+        f"ORDER BY m.seq{page_sql(a)}", (a["session_id"], store.node_id)).fetchall()
     return [_with_status(store, _row(r)) for r in rows]
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from meshd.state.hlc import ms_to_iso
+from meshd.state.paging import page_slice
 
 if TYPE_CHECKING:
     from meshd.state.store import Store
@@ -136,6 +137,21 @@ def ping(store: "Store", a: dict[str, Any]) -> bool:
     return _update(store, a["session_id"], "last_ping = ?", (store.now(),))
 
 
+def keep_alive(store: "Store", session_ids: list[str], older_than: float) -> int:
+    """Ping the given sessions hosted here whose last ping is before `older_than`
+    (unregistered ones stay OFFLINE: only last_ping changes). How many."""
+    n = 0
+    for i in range(0, len(session_ids), 500):              # (SQLite's variable limit)
+        chunk = session_ids[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        for (sid,) in store.conn.execute(
+                f"SELECT session_id FROM sessions WHERE session_id IN ({marks}) AND deleted = 0"
+                f" AND host = ? AND last_ping < ?", (*chunk, store.node_id, older_than)
+                ).fetchall():
+            n += ping(store, {"session_id": sid})
+    return n
+
+
 def update_status(store: "Store", a: dict[str, Any]) -> bool:
     if "current_task" in a:
         return _update(store, a["session_id"], "status = ?, last_ping = ?, current_task = ?",
@@ -145,7 +161,8 @@ def update_status(store: "Store", a: dict[str, Any]) -> bool:
 
 def list_sessions(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
     rows = _select(store)
-    return rows if a["include_offline"] else [r for r in rows if r["status"] != "offline"]
+    rows = rows if a["include_offline"] else [r for r in rows if r["status"] != "offline"]
+    return page_slice(rows, a)
 
 
 def find(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
@@ -164,8 +181,8 @@ def find(store: "Store", a: dict[str, Any]) -> list[dict[str, Any]]:
     rows = _select(store, " ".join(where), tuple(params))
     status = a["status"]
     if status is None:
-        return [r for r in rows if r["status"] != "offline"]
-    return [r for r in rows if r["status"] == status]
+        return page_slice([r for r in rows if r["status"] != "offline"], a)
+    return page_slice([r for r in rows if r["status"] == status], a)
 
 
 def stats(store: "Store", a: dict[str, Any] | None = None) -> dict[str, Any]:

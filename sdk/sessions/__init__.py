@@ -10,12 +10,19 @@ from sessions.collaboration import CollaborationHub
 from sessions.errors import (
     DaemonUnavailable,
     InvalidArgument,
+    MeshError,
     NotFound,
+    ProtocolError,
+    RemoteError,
     SessionNotFound,
     SessionsError,
+    StoreError,
     Timeout,
     TooLarge,
+    UnknownCommand,
+    UnsupportedVersion,
 )
+from sessions.keepalive import KeepAlive
 from sessions.memory import SharedMemory
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 from sessions.registry import SessionRegistry
@@ -25,5 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SessionRegistry", "SessionStatus", "Session", "CollaborationHub", "MessageType", "Message",
     "SharedMemory", "MemoryType", "MemoryEntry", "SessionsError", "DaemonUnavailable",
-    "InvalidArgument", "NotFound", "SessionNotFound", "Timeout", "TooLarge",
+    "InvalidArgument", "NotFound", "SessionNotFound", "Timeout", "TooLarge", "MeshError",
+    "ProtocolError", "RemoteError", "StoreError", "UnknownCommand", "UnsupportedVersion",
+    "KeepAlive",
 ]

@@ -80,6 +80,10 @@ class MessageStream(_Iterable):
         self._last_attempt = 0.0
         self._pending: deque[tuple[int, Message]] = deque()
         self.closed = False
+        # Told "lost" when the daemon stops answering and "back" when the stream is
+        # subscribed again (e.g. `sessions watch` says so on stderr); None: silent.
+        self.on_state: Callable[[str], None] | None = None
+        self._lost = False
         self._subscribe()       # pin the cursor now: "from now on" means from this call
 
     def _sub_args(self) -> dict[str, Any]:
@@ -118,6 +122,12 @@ class MessageStream(_Iterable):
             self._handle(self._sock.recv(zmq.NOBLOCK))
         self._last_renew = time.monotonic()
 
+    def _note(self, lost: bool) -> None:
+        if lost != self._lost:
+            self._lost = lost
+            if self.on_state is not None:
+                self.on_state("lost" if lost else "back")
+
     def _drop_socket(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
@@ -142,6 +152,7 @@ class MessageStream(_Iterable):
         elif kind == ERROR and isinstance(body, dict):
             if body.get("code") == "not_found":     # the daemon forgot us: resubscribe
                 self._sub = None
+                self._note(True)                    # (a restart, or we were idle too long)
             elif rid == self._sub_req:
                 raise_error(body)
 
@@ -177,9 +188,11 @@ class MessageStream(_Iterable):
                     continue
                 try:
                     self._subscribe()
+                    self._note(False)
                 except DaemonUnavailable as exc:
                     log.debug("waiting for meshd: %s", exc)
                     self._drop_socket()
+                    self._note(True)
                 continue
             since = now - self._last_renew
             if (self._unacked and since >= ACK_IDLE) or since >= RENEW_EVERY:
@@ -194,6 +207,7 @@ class MessageStream(_Iterable):
                     self._handle(self._sock.recv(zmq.NOBLOCK))
             elif now - self._last_renew > 3 * RENEW_EVERY:
                 self._drop_socket()                 # no answer to our acks: reconnect
+                self._note(True)
         return None
 
     def close(self) -> None:

@@ -16,8 +16,15 @@ from meshd.errors import (
 )
 
 SessionsError = MeshError
-#: Raised when a message names a session the registry does not know.
+#: Raised when a call names a session the registry does not know.
 SessionNotFound = NotFound
+
+# These classes are raised to SDK users, who import them from `sessions`; a traceback
+# says `sessions.NotFound: ...`, the name to catch, rather than the daemon's module.
+for _cls in (DaemonUnavailable, InvalidArgument, MeshError, NotFound, ProtocolError, RemoteError,
+             StoreError, Timeout, TooLarge, UnknownCommand, UnsupportedVersion):
+    _cls.__module__ = "sessions"
+del _cls
 
 __all__ = [
     "SessionsError", "MeshError", "DaemonUnavailable", "InvalidArgument", "NotFound",

@@ -7,6 +7,7 @@ from typing import Any
 
 from sessions import _ops as ops
 from sessions._backend import Backend, backend_for
+from sessions.keepalive import DEFAULT_INTERVAL, KeepAlive
 from sessions.models import Session, SessionStatus
 
 __all__ = ["SessionRegistry", "Session", "SessionStatus"]
@@ -71,3 +72,24 @@ class SessionRegistry:
         state (alive, suspect, dead, left), incarnation, last_contact (seconds ago),
         behind (changes this node has that the peer had not, at its last summary)."""
         return self._backend.run(ops.peers())
+
+    def keepalive(self, session_id: str, interval: float = DEFAULT_INTERVAL) -> KeepAlive:
+        """Keep a session from going OFFLINE while you work: `with registry.keepalive(id):`
+        pings it every `interval` seconds in a background thread (or call `.start()` and
+        `.stop()`). Raises NotFound at once if the session is not registered."""
+        return KeepAlive(self.ping, session_id, interval)
+
+    def join(self, address: str) -> dict[str, Any]:
+        """Ask this host's daemon to join the mesh at HOST:PORT (retried with backoff until
+        it answers; `peers()` shows it pending meanwhile). Serf's `join`."""
+        return self._backend.run(ops.join(address))
+
+    def leave(self) -> dict[str, Any]:
+        """This host's daemon leaves the mesh gracefully (its peers see it as left, not
+        failed) and stops. Serf's `leave`."""
+        return self._backend.run(ops.leave())
+
+    def force_leave(self, node: str) -> dict[str, Any]:
+        """Mark a member that is down as gone for good (node id, or a prefix of 6+
+        characters): it reads "left" everywhere and mail queued for it expires now."""
+        return self._backend.run(ops.force_leave(node))
