@@ -13,15 +13,17 @@ import inspect
 import itertools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import zmq
 
-from meshd.errors import DaemonUnavailable, InvalidArgument, MeshError, Timeout, TooLarge
+from meshd.errors import DaemonUnavailable, InvalidArgument, MeshError, NotFound, Timeout, TooLarge
 from meshd.wire.ipc import (
     BATCH, BATCHABLE, ERROR, OK, decode_reply, encode_item, encode_items, validate_args,
 )
 from sessions import _ops as ops
+from sessions import asking
 from sessions._backend import DirectoryBackend
 from sessions._client import (
     MAX_REPLY_BYTES, check_listening, default_timeout, new_dealer, raise_error, resolve_socket,
@@ -384,6 +386,43 @@ class AsyncCollaborationHub(_AsyncBase):
     async def broadcast(self, from_session: str, subject: str, body: str,
                         data: dict[str, Any] | None = None, priority: str = "normal") -> Message:
         return await self._run(ops.broadcast(from_session, subject, body, data, priority))
+
+    async def ask(self, from_session: str, to_session: str, subject: str, body: str,
+                  data: dict[str, Any] | None = None, timeout: float = 60.0) -> Message:
+        """As CollaborationHub.ask: the RESPONSE to a REQUEST, or Timeout."""
+        stream = await self.subscribe(from_session, types=[MessageType.RESPONSE])
+        try:
+            request = await self.send(from_session, to_session, MessageType.REQUEST, subject,
+                                      body, data)
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                msg = await stream.next(timeout=min(remaining, 1.0))
+                if asking.answers(msg, request.message_id):
+                    assert msg is not None
+                    return msg
+        finally:
+            stream.close()
+        raise Timeout(f"no reply from {to_session} to {request.message_id} within "
+                      f"{timeout:g}s; the request was delivered and a late reply will be in "
+                      f"{from_session}'s inbox")
+
+    async def dispatch(self, from_session: str, capability: str, subject: str, body: str,
+                       data: dict[str, Any] | None = None,
+                       type: MessageType | str = MessageType.REQUEST,
+                       priority: str = "normal") -> Message:
+        """As CollaborationHub.dispatch: to one IDLE or ACTIVE session with `capability`."""
+        found = await self._run(ops.find_sessions(capability=capability))
+        key = asking.dispatch_key(capability)
+        last = await self._run(ops.memory_get(key, {}))
+        chosen = asking.choose(found, from_session, last)
+        if chosen is None:
+            raise NotFound(asking.nobody(capability, found, from_session))
+        msg = await self.send(from_session, chosen.session_id, type, subject, body, data,
+                              priority=priority)
+        await self._run(ops.memory_delete(key))
+        await self._run(ops.memory_set(from_session, key, asking.record(last, chosen.session_id),
+                                       ttl=asking.DISPATCH_TTL, tags=["meshd"]))
+        return msg
 
     async def get_message_status(self, message_id: str) -> dict[str, Any] | None:
         return await self._run(ops.message_status(message_id))

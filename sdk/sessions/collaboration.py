@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any, Callable
 
+from meshd.errors import NotFound, Timeout
 from meshd.wire.schema import enum_value
 from sessions import _ops as ops
+from sessions import asking
 from sessions._backend import Backend, DaemonBackend, DirectoryBackend, backend_for
 from sessions._stream import DirectoryStream, HandlerThread, MessageStream, Stream
 from sessions.models import Message, MessageType
@@ -56,6 +59,50 @@ class CollaborationHub:
         """Send to every session but the sender, on every host."""
         self._know_registry()
         return self._backend.run(ops.broadcast(from_session, subject, body, data, priority))
+
+    def ask(self, from_session: str, to_session: str, subject: str, body: str,
+            data: dict[str, Any] | None = None, timeout: float = 60.0) -> Message:
+        """Send a REQUEST and wait for the RESPONSE that replies to it (by in_reply_to),
+        at most `timeout` seconds. Raises Timeout when none came; the request stays
+        delivered (get_message_status tells where it stands) and a late reply still lands
+        in the inbox. The mesh's version of Serf's query."""
+        stream = self.subscribe(from_session, types=[MessageType.RESPONSE])  # before sending
+        try:
+            request = self.send(from_session, to_session, MessageType.REQUEST, subject, body,
+                                data)
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                msg = stream.next(timeout=remaining)
+                if asking.answers(msg, request.message_id):
+                    assert msg is not None
+                    return msg
+        finally:
+            stream.close()
+        raise Timeout(f"no reply from {to_session} to {request.message_id} within "
+                      f"{timeout:g}s; the request was delivered and a late reply will be in "
+                      f"{from_session}'s inbox")
+
+    def dispatch(self, from_session: str, capability: str, subject: str, body: str,
+                 data: dict[str, Any] | None = None,
+                 type: MessageType | str = MessageType.REQUEST,
+                 priority: str = "normal") -> Message:
+        """Send to ONE session that has `capability` and is IDLE or ACTIVE, chosen by the
+        rule of `sessions.asking` (idle first, then least recently dispatched to, then by
+        host state); the message's to_session says which. NotFound when none qualifies."""
+        found = self._backend.run(ops.find_sessions(capability=capability))
+        key = asking.dispatch_key(capability)
+        last = self._backend.run(ops.memory_get(key, {}))
+        chosen = asking.choose(found, from_session, last)
+        if chosen is None:
+            raise NotFound(asking.nobody(capability, found, from_session))
+        msg = self.send(from_session, chosen.session_id, type, subject, body, data,
+                        priority=priority)
+        # One current record per capability: the old entries go, the new one stays.
+        self._backend.run(ops.memory_delete(key))
+        self._backend.run(ops.memory_set(from_session, key,
+                                         asking.record(last, chosen.session_id),
+                                         ttl=asking.DISPATCH_TTL, tags=["meshd"]))
+        return msg
 
     def get_message_status(self, message_id: str) -> dict[str, Any] | None:
         """Where a message you sent stands: {"message", "state", "deliveries"}; state is
