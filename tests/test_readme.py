@@ -88,3 +88,14 @@ def test_quick_start_runs_as_written(name: str) -> None:
         assert out.count("alive") >= 2, out                     # b and c seen from a
         assert "Review PR 7" in out and '"state": "started"' in out, out
     shutil.rmtree(QS_DIR, ignore_errors=True)
+
+
+def test_the_python_snippet_runs_as_written(daemon, short_tmp: Path) -> None:
+    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    script = short_tmp / "snippet.py"
+    script.write_text(block)
+    r = subprocess.run([sys.executable, str(script)], env=daemon.env(), cwd=str(short_tmp),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['Need help', 'Re: Need help']"
+    assert daemon.memory().get("current_task") == {"name": "Build"}
