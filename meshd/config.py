@@ -48,6 +48,7 @@ class Config:
     stream_sub_bytes: int = 1 * MiB       # bytes pushed and not yet acked, per stream, before
                                           # it pauses (it resumes from its cursor on ack)
     stream_total_bytes: int = 64 * MiB    # the same over all streams of the daemon
+    stream_client_bytes: int = 8 * MiB    # ... and over the streams of one connection
     stream_max_per_client: int = 64       # open streams per client connection
     stream_max_total: int = 4096          # open streams in all
     # --- housekeeping ------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import socket as pysocket
@@ -151,13 +152,16 @@ class IPCServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._deferred: deque[list[Work]] = deque()    # slices of a big batch still to serve
-        self._reply_bytes: dict[tuple[bytes, int | None], int] = {}   # per deferred batch
+        self._reply_bytes: dict[tuple[bytes, int], int] = {}   # per deferred batch frame
         self._deferred_scheduled = False
+        self._waiting_on: dict[bytes, int] = {}        # deferred items per connection
+        self._frames = itertools.count(1)              # batch frame tokens
         self._flush_timer: asyncio.TimerHandle | None = None
         self._folder: FoldThread | None = None
         self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout,
                                Limits(config.stream_sub_bytes, config.stream_total_bytes,
-                                      config.stream_max_per_client, config.stream_max_total))
+                                      config.stream_max_per_client, config.stream_max_total,
+                                      config.stream_client_bytes))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -292,6 +296,7 @@ class IPCServer:
         # frame are collected in that frame's group and sent together (see wire.ipc).
         replies: list[tuple[bytes, bytes]] = []
         groups: list[tuple[bytes, list[bytes]]] = []
+        groups_tokens: list[int] = []       # a batch frame's unique token, per group index
         store_work: list[Work] = []
         local_work: list[Work] = []
 
@@ -307,6 +312,12 @@ class IPCServer:
             except MeshError as exc:
                 self.counters[f"rejected.{exc.code}"] += 1
                 answer(ident, group, encode_error(req_id, exc.code, str(exc)))
+                return
+            except Exception as exc:            # a validator bug must not cost the others
+                log.exception("validating %s failed", command)
+                self.counters["rejected.invalid_argument"] += 1
+                answer(ident, group, encode_error(req_id, "invalid_argument",
+                                                  f"{type(exc).__name__}: {exc}"))
                 return
             if group is None or command in BATCHABLE:
                 if command in commands.HANDLERS:
@@ -336,6 +347,7 @@ class IPCServer:
                 continue
             groups.append((ident, []))
             group = len(groups) - 1
+            groups_tokens.append(next(self._frames))
             self.counters["requests"] += len(items) - 1
             for item_id, item_command, item_args in items:
                 if item_command is None:
@@ -345,14 +357,20 @@ class IPCServer:
                     take(ident, group, item_id, item_command, item_args)
         # Sets and sends are answered from the journal and folded into SQLite by the fold
         # thread; a batch with anything else is one group commit on the loop.
+        if self._waiting_on:
+            # A connection with slices still waiting is served in order: its new requests
+            # queue behind them (a write must not overtake an earlier delete, say).
+            behind = [w for w in store_work if self._waiting_on.get(w[0])]
+            if behind:
+                store_work = [w for w in store_work if not self._waiting_on.get(w[0])]
+                self._defer(behind, groups_tokens)
         journaled = (self._folder is not None and bool(store_work)
                      and all(w[2] in JOURNALED for w in store_work))
         if not journaled and len(store_work) > _DEFER_OVER:
             # Many reads (or mixed writes) at once, e.g. one batch frame of hundreds of
             # searches: served a slice at a time, within a time budget per loop turn, so
             # other clients and the peer port are not held up (see `_serve_deferred`).
-            self._deferred.extend(store_work[i:i + _SLICE]
-                                  for i in range(0, len(store_work), _SLICE))
+            self._defer(store_work, groups_tokens)
             store_work = []
         if journaled:
             results = self._run_journaled(store_work)
@@ -384,21 +402,46 @@ class IPCServer:
         if self._deferred and not self._deferred_scheduled:
             self._serve_deferred()
 
+    def _defer(self, work: list[Work], tokens: list[int]) -> None:
+        """Queue `work` in slices. A batch item keeps its frame's unique token in place of
+        its group index (the answers of deferred items go out per slice)."""
+        work = [(w[0], w[1], w[2], w[3], None if w[4] is None else tokens[w[4]])
+                for w in work]
+        for w in work:
+            self._waiting_on[w[0]] = self._waiting_on.get(w[0], 0) + 1
+        self._deferred.extend(work[i:i + _SLICE] for i in range(0, len(work), _SLICE))
+
     def _serve_deferred(self) -> None:
         """Serve deferred slices until this turn's time budget is spent, then yield to the
-        loop and go on at the next turn. No new request is read meanwhile (`_drain`
-        waits), so a greedy client meets backpressure in its own socket queue."""
+        loop and go on at the next turn, so other clients are served in between. Past
+        _MAX_DEFERRED slices no new request is read (`_drain` waits): a greedy client
+        meets backpressure in its own socket queue."""
         self._deferred_scheduled = False
         deadline = time.monotonic() + self.config.ipc_turn_budget
         while self._deferred:
             work = self._deferred.popleft()
-            results = self._run_store_batch(work)
+            for w in work:
+                n = self._waiting_on.get(w[0], 0) - 1
+                if n > 0:
+                    self._waiting_on[w[0]] = n
+                else:
+                    self._waiting_on.pop(w[0], None)
+            refused = [w for w in work if self._over_budget(w)]
+            run = [w for w in work if not self._over_budget(w)]
+            results = self._run_store_batch(run) if run else []
+            answers = list(zip(run, results)) + [
+                (w, encode_error(w[1], "too_large", f"the answers to this batch passed "
+                                 f"{_BATCH_REPLY_BYTES >> 20} MiB; send fewer reads per "
+                                 f"batch, or page them (limit/offset)")) for w in refused]
+            self.counters["rejected.batch_reply_bytes"] += len(refused)
             grouped: dict[bytes, list[bytes]] = {}
-            for w, frame in zip(work, results):
+            for w, frame in answers:
                 if w[4] is None:
                     self._send(w[0], frame)
-                else:
-                    grouped.setdefault(w[0], []).append(self._budgeted(w, frame))
+                    continue
+                key = (w[0], w[4])
+                self._reply_bytes[key] = self._reply_bytes.get(key, 0) + len(frame)
+                grouped.setdefault(w[0], []).append(frame)
             for ident, frames in grouped.items():      # (a batch's answers may come in
                 for out in encode_batch_replies(frames, self.config.max_frame_bytes):
                     self._send(ident, out)             # several frames)
@@ -415,19 +458,12 @@ class IPCServer:
             self._reply_bytes.clear()
         self._recheck()                                 # requests that waited meanwhile
 
-    def _budgeted(self, w: Work, frame: bytes) -> bytes:
-        """An answer to an item of a batch frame, unless that frame's answers already
-        reached _BATCH_REPLY_BYTES: then a too_large error (a batch of hundreds of big
-        reads must not make the daemon hold hundreds of megabytes for one client)."""
-        key = (w[0], w[4])
-        used = self._reply_bytes.get(key, 0) + len(frame)
-        self._reply_bytes[key] = used
-        if used <= _BATCH_REPLY_BYTES:
-            return frame
-        self.counters["rejected.batch_reply_bytes"] += 1
-        return encode_error(w[1], "too_large", f"the answers to this batch passed "
-                            f"{_BATCH_REPLY_BYTES >> 20} MiB; send fewer reads per batch, "
-                            f"or page them (limit/offset)")
+    def _over_budget(self, w: Work) -> bool:
+        """A read of a batch frame whose answers already passed _BATCH_REPLY_BYTES is not
+        run (answered too_large): a batch of hundreds of big reads must not make the daemon
+        hold hundreds of megabytes for one client. Writes always run and get their answer."""
+        return (w[4] is not None and w[2] in commands.READ_ONLY
+                and self._reply_bytes.get((w[0], w[4]), 0) > _BATCH_REPLY_BYTES)
 
     def _reject(self, replies: list[tuple[bytes, bytes]], ident: bytes | None, req_id: int | None,
                 code: str, message: str) -> None:

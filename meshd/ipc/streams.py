@@ -56,6 +56,7 @@ class Limits:
     total_bytes: int = 64 << 20
     per_client: int = 64
     total: int = 4096
+    client_bytes: int = 8 << 20      # one connection's streams together
 
 
 class Streams:
@@ -69,6 +70,7 @@ class Streams:
         self.idle_timeout = idle_timeout
         self.limits = limits or Limits()
         self.inflight_bytes = 0                  # over all streams
+        self.client_bytes: dict[bytes, int] = {}  # per connection
         self.paused: set[Subscription] = set()   # held back by the total, not their own share
         self.per_client: dict[bytes, int] = {}
         self.refused = 0
@@ -127,9 +129,17 @@ class Streams:
         freed = 0
         while sub.inflight and sub.inflight[0][0] <= sub.acked:
             freed += sub.inflight.popleft()[1]
-        sub.inflight_bytes -= freed
-        self.inflight_bytes -= freed
+        self._account(sub, -freed)
         return freed
+
+    def _account(self, sub: Subscription, delta: int) -> None:
+        sub.inflight_bytes += delta
+        self.inflight_bytes += delta
+        left = self.client_bytes.get(sub.ident, 0) + delta
+        if left > 0:
+            self.client_bytes[sub.ident] = left
+        else:
+            self.client_bytes.pop(sub.ident, None)
 
     def _resume(self) -> None:
         """Room was made under the total: let paused streams go on, a few at a time."""
@@ -156,19 +166,25 @@ class Streams:
             self.per_client[sub.ident] = n
         else:
             self.per_client.pop(sub.ident, None)
-        self.inflight_bytes -= sub.inflight_bytes
+        self._account(sub, -sub.inflight_bytes)
         sub.inflight.clear()
-        sub.inflight_bytes = 0
         self.paused.discard(sub)
         if self.paused:
             self._resume()
 
     def _full(self, sub: Subscription) -> bool:
-        """Over its own share of unacknowledged bytes, or the daemon over its total (then
-        it waits in `paused` for others' acks)."""
-        if sub.inflight_bytes >= self.limits.sub_bytes:
+        """Over its own share of unacknowledged bytes, or its connection over its share,
+        or the daemon over its total (then it waits in `paused` for others' acks). A
+        stream with nothing in flight may always have one event out (up to twice the
+        total), so no client, however greedy, can stall everyone else's streams."""
+        lim = self.limits
+        if sub.inflight_bytes >= lim.sub_bytes:
             return True
-        if self.inflight_bytes >= self.limits.total_bytes:
+        if sub.inflight_bytes and self.client_bytes.get(sub.ident, 0) >= lim.client_bytes:
+            return True
+        if self.inflight_bytes >= lim.total_bytes:
+            if not sub.inflight_bytes and self.inflight_bytes < 2 * lim.total_bytes:
+                return False
             self.paused.add(sub)
             return True
         return False
@@ -181,8 +197,7 @@ class Streams:
             return False
         sub.sent = seq
         sub.inflight.append((seq, len(frame)))
-        sub.inflight_bytes += len(frame)
-        self.inflight_bytes += len(frame)
+        self._account(sub, len(frame))
         self.pushed += 1
         return True
 

@@ -274,9 +274,9 @@ class Mesh:
         if len(matches) > 1:
             raise MeshError(f"{node!r} names {len(matches)} members; give more of the id")
         m = matches[0]
-        if m.state == MemberState.ALIVE:
-            raise MeshError(f"member {m.node_id[:12]} ({m.address}) is alive; force-leave is "
-                            f"for members that are down")
+        if m.up:                  # alive, or suspect: it may answer yet (not failed)
+            raise MeshError(f"member {m.node_id[:12]} ({m.address}) is {m.state.name.lower()}; "
+                            f"force-leave is for members declared dead")
         self.membership.apply([(m.node_id, m.address, int(MemberState.LEFT), m.incarnation)])
         dropped = self.router.forget_destination(m.node_id)
         self._seeds.pop(m.address, None)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from meshd.errors import InvalidArgument
 from meshd.state.hlc import ms_to_iso
 from meshd.state.paging import page_slice
 
@@ -81,7 +82,10 @@ def import_session(store: "Store", a: dict[str, Any]) -> bool:
     added when unknown (or forgotten), replaced only by a later last_ping, so importing
     the same record twice changes nothing. True when it changed something."""
     s = a["session"]
-    last_ping = _epoch(s["last_ping"])
+    last_ping, started = _epoch(s["last_ping"]), _epoch(s["started_at"])
+    if max(last_ping, started) > store.now() + 86400:
+        raise InvalidArgument(f"session {s['session_id']}: its times are in the future "
+                              f"({s['last_ping']}); it would never go stale")
     row = store.conn.execute("SELECT last_ping, deleted FROM sessions WHERE session_id = ?",
                              (s["session_id"],)).fetchone()
     if row is not None and not row[1] and row[0] >= last_ping:
@@ -92,7 +96,7 @@ def import_session(store: "Store", a: dict[str, Any]) -> bool:
         f"INSERT OR REPLACE INTO sessions ({_COLS}, deleted, origin, version, hlc) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
         (s["session_id"], s["agent_name"], s["agent_type"], s["status"],
-         ms_to_iso(_epoch(s["started_at"]) * 1000),
+         ms_to_iso(started * 1000),
          last_ping, s["human_user"], s["location"] or _HOSTNAME, _pack(caps),
          s["current_task"], _pack(s["metadata"]), store.node_id, store.node_id, version, hlc))
     store.conn.execute("DELETE FROM session_caps WHERE session_id = ?", (s["session_id"],))
@@ -104,7 +108,10 @@ def import_session(store: "Store", a: dict[str, Any]) -> bool:
 def _epoch(iso: str) -> float:
     """Seconds since the epoch of an ISO 8601 time (validated); no zone means local time."""
     from datetime import datetime
-    return datetime.fromisoformat(iso).timestamp()
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidArgument(f"{iso!r} is not a usable time: {exc}") from None
 
 
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:

@@ -68,7 +68,8 @@ def address(v: Any, field: str) -> str:
     """HOST:PORT (a name, an IPv4 address, or [IPv6]) with a port in 1..65535."""
     t = text(v, field, 300)
     host, sep, port = t.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not sep or not host or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536):
         raise InvalidArgument(f"{field} must be HOST:PORT, e.g. 192.168.1.12:7747; got {t!r}")
     if not host.strip("[]") or any(c.isspace() for c in t):
         raise InvalidArgument(f"{field} must be HOST:PORT; got {t!r}")

@@ -37,21 +37,44 @@ class Op:
 #: Rows asked for per page of a list read. The daemon bounds each answer (rows, and about
 #: a frame's bytes), so a big registry or memory comes in several round trips instead of
 #: one answer that would hold the daemon (and this process) for long.
-PAGE_ROWS = 500
+PAGE_ROWS = 1000
 #: Pages per call at most (a bound on the loop: 5 million rows).
 MAX_PAGES = 10_000
 
 
 def collect_pages(fetch: Callable[[dict[str, Any]], Any]) -> list[Any]:
     """All items of a paged read, page after page until the daemon says no more follow.
-    `fetch(args_offset)` returns one page's answer, {"items", "more"}."""
+    `fetch(args_offset)` returns one page's answer, {"items", "more"}.
+
+    Pages are read one request each, so a list longer than a page is not a snapshot:
+    rows written between two pages can shift the offsets. An item seen twice is kept
+    once (by its id); a row removed meanwhile may make one of the rest be missed."""
     items: list[Any] = []
+    seen: set[Any] = set()
+    offset = 0
     for _ in range(MAX_PAGES):
-        answer = fetch({"offset": len(items)})
-        items.extend(answer["items"])
-        if not answer["more"] or not answer["items"]:
+        answer = fetch({"offset": offset})
+        page = answer["items"]
+        offset += len(page)
+        for item in page:
+            key = _identity(item)
+            if key is None or key not in seen:
+                seen.add(key)
+                items.append(item)
+        if not answer["more"] or not page:
             return items
     raise InvalidArgument(f"more than {MAX_PAGES} pages: narrow the query")
+
+
+def _identity(item: Any) -> Any:
+    """What makes a row of a paged list the same row again: its id."""
+    if not isinstance(item, dict):
+        return None
+    for k in ("entry_id", "message_id", "session_id"):      # (entries also name a session)
+        if k in item:
+            return item[k]
+    inner = item.get("message")                              # message.sent rows
+    return inner.get("message_id") if isinstance(inner, dict) else None
 
 
 def _same(x: Any) -> Any:

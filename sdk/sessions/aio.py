@@ -214,13 +214,16 @@ class _AsyncBase:
         args = validate_args(op.command, op.args)
         assert self._client is not None
         if op.paged:
-            items: list[Any] = []
+            pages: list[Any] = []
+            offset = 0
             for _ in range(ops.MAX_PAGES):
                 answer = await self._client.call(
-                    op.command, validate_args(op.command, op.page(len(items))))
-                items.extend(answer["items"])
+                    op.command, validate_args(op.command, op.page(offset)))
+                pages.append(answer)
+                offset += len(answer["items"])
                 if not answer["more"] or not answer["items"]:
-                    return op.convert(items)
+                    it = iter(pages)
+                    return op.convert(ops.collect_pages(lambda at: next(it)))
             raise InvalidArgument(f"more than {ops.MAX_PAGES} pages: narrow the query")
         return op.result(args, await self._client.call(op.command, args))
 

@@ -96,7 +96,7 @@ def print_message(m: Message, indent: str = "") -> None:
 @click.option("--unread", is_flag=True, help="Only unread messages.")
 @click.option("--mark-read", is_flag=True, help="Mark the listed messages read.")
 @click.option("--limit", type=click.IntRange(1), default=None,
-              help="Only the last N messages (still oldest first).")
+              help="Only the last N of the list (high priority first, then oldest first).")
 @click.option("--sent", is_flag=True,
               help="The messages the session sent, with their delivery state instead.")
 @json_option
