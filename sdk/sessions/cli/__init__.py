@@ -14,7 +14,7 @@ import sys
 import click
 
 from sessions import SessionsError
-from sessions.cli import agents, memory, messages, node, registry  # noqa: F401  (they register)
+from sessions.cli import agents, mcp, memory, messages, node, registry  # noqa: F401  (they register)
 from sessions.cli._base import cli
 
 __all__ = ["cli", "main"]
