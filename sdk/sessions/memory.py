@@ -58,3 +58,8 @@ class SharedMemory:
 
     def get_stats(self) -> dict[str, Any]:
         return self._backend.run(ops.memory_stats())
+
+    def close(self) -> None:
+        """Nothing to release: blocking objects share one connection per daemon and
+        process, closed at exit (here so code can close the blocking and asyncio objects
+        alike)."""

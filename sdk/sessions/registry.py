@@ -73,6 +73,11 @@ class SessionRegistry:
         behind (changes this node has that the peer had not, at its last summary)."""
         return self._backend.run(ops.peers())
 
+    def close(self) -> None:
+        """Nothing to release: blocking objects share one connection per daemon and
+        process, closed at exit (here so code can close the blocking and asyncio objects
+        alike)."""
+
     def keepalive(self, session_id: str, interval: float = DEFAULT_INTERVAL) -> KeepAlive:
         """Keep a session from going OFFLINE while you work: `with registry.keepalive(id):`
         pings it every `interval` seconds in a background thread (or call `.start()` and
