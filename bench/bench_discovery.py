@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How fast N fresh hosts on one LAN find each other with mDNS alone (issue 6).
 
-Each host is a network namespace on a bridge (tests/netlab.py: nothing touches this
+Each host is a network namespace on a bridge (tests/support/netlab.py: nothing touches this
 machine's own network); each runs a real `meshd --bind 0.0.0.0:7747` with a fresh data
 directory. All N daemons are started at once; the clock runs from just before the first
 start until every daemon lists every other one as alive (polled over each daemon's local
@@ -33,7 +33,7 @@ from pathlib import Path
 import _common as c
 
 sys.path.insert(0, str(c.ROOT / "tests"))
-import netlab  # noqa: E402
+from support import netlab  # noqa: E402
 
 from sessions import SessionRegistry  # noqa: E402
 

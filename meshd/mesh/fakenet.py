@@ -34,7 +34,7 @@ Handler = Callable[[FrameType, str, str, dict[str, Any]], None]
 
 class PeerTransport(Protocol):
     """What membership and admission need of a transport (the real one and the fake
-    both have it; tests/test_swim_unit.py pins their signatures together)."""
+    both have it; tests/unit/test_swim_unit.py pins their signatures together)."""
 
     address: str
 

@@ -1,6 +1,6 @@
 """SWIM on a fake network: N real `Membership`s on one virtual-time loop.
 
-For tests/test_swim_unit.py and bench/sim_membership.py. Each node is the daemon's own
+For tests/unit/test_swim_unit.py and bench/sim_membership.py. Each node is the daemon's own
 `Membership` (probes, indirect probes, suspicion, refutation, piggybacked gossip,
 admission) over a `FakeTransport`; only the network and the clock are fakes. Membership
 also relies on a little of what the daemon composes around it, which this harness does
