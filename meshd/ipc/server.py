@@ -30,10 +30,10 @@ from meshd.errors import MeshError, StoreError
 from meshd.ipc.streams import Limits, Streams
 from meshd.state import commands, sessions
 from meshd.state.folder import FoldThread
-from meshd.state.store import JOURNALED, Store
+from meshd.state.store import Store
 from meshd.wire.ipc import (
-    BATCH_COMMAND, BATCHABLE, OK, decode_items, decode_request, encode_batch_replies, encode_error,
-    encode_reply, validate_args,
+    BATCH_COMMAND, BATCHABLE, JOURNALED, OK, REGISTRY, decode_items, decode_request,
+    encode_batch_replies, encode_error, encode_reply, validate_args,
 )
 
 log = logging.getLogger("meshd.ipc")
@@ -49,8 +49,8 @@ Control = Callable[[str, dict[str, Any]], Any]
 Work = tuple[bytes, int, str, dict[str, Any], "int | None"]
 
 #: Commands whose answer is a session record (or None) and those answering a list of them.
-_ONE_SESSION = frozenset({"session.get", "session.register"})
-_SESSIONS = frozenset({"session.list", "session.find"})
+_ONE_SESSION = frozenset(n for n, c in REGISTRY.items() if c.answers == "session")
+_SESSIONS = frozenset(n for n, c in REGISTRY.items() if c.answers == "sessions")
 
 #: A batch of more requests than this (that are not all journaled writes) is served a
 #: slice at a time, _SLICE requests a transaction, within a time budget per loop turn.
@@ -170,7 +170,7 @@ class IPCServer:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)        # unroutable reply -> error, not silence
-        sock.setsockopt(zmq.SNDHWM, 1_000)             # frames queued per client at most
+        sock.setsockopt(zmq.SNDHWM, 10_000)            # frames queued per client at most
         sock.setsockopt(zmq.RCVHWM, 10_000)
         # Hard cap far above the protocol limit: frames between the two get a clear
         # too_large error reply; beyond it ZeroMQ drops the connection before buffering.

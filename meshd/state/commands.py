@@ -10,6 +10,7 @@ import msgpack
 
 from meshd.errors import StoreError, TooLarge, UnknownCommand
 from meshd.state import memory, messages, sessions
+from meshd.wire import ipc
 from meshd.wire.ipc import PAGED
 
 if TYPE_CHECKING:
@@ -60,11 +61,11 @@ HANDLERS: dict[str, Handler] = {
     "memory.stats": memory.stats,
 }
 
-READ_ONLY = frozenset({
-    "session.get", "session.list", "session.find", "session.stats", "message.list",
-    "message.conversation", "message.stats", "message.status", "message.sent", "memory.get", "memory.get_all", "memory.search",
-    "memory.by_tags", "memory.by_session", "memory.stats",
-})
+#: Declared once, with each command (`meshd.wire.ipc.REGISTRY`).
+READ_ONLY = ipc.READ_ONLY
+if set(HANDLERS) != ipc.STORE_COMMANDS:            # a command declared without a handler
+    raise ImportError(f"store commands and handlers differ: "
+                      f"{sorted(set(HANDLERS) ^ ipc.STORE_COMMANDS)}")
 
 
 #: Rows a list command may answer without `limit` (more is refused: page instead).

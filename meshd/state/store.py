@@ -26,6 +26,7 @@ from meshd.errors import StoreError
 from meshd.state import commands, db
 from meshd.state.hlc import HLC
 from meshd.state.journal import Journal
+from meshd.wire import ipc as ipc_commands
 
 log = logging.getLogger("meshd.store")
 
@@ -34,7 +35,8 @@ READ_FOLD_RETRY = 1.0
 
 #: Writes that may be acknowledged from the journal: nothing about them can fail once
 #: they are validated and checked, so folding them later gives the same answer.
-JOURNALED = frozenset({"memory.set", "message.send"})
+#: Writes acknowledged from the journal (declared with each command in the wire layer).
+JOURNALED = ipc_commands.JOURNALED
 
 #: A record in `pending` that is not journaled: outbox acks to apply with the next fold.
 ROUTE_ACKED = "route.acked"

@@ -40,6 +40,7 @@ before sending and again in the daemon on receipt.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from meshd.errors import InvalidArgument, ProtocolError, UnknownCommand, UnsupportedVersion
@@ -117,62 +118,99 @@ def _limit(v: Any, f: str) -> int:
 
 PAGE = {"limit": (_limit, _ABSENT), "offset": (s.count, _ABSENT)}
 
-COMMANDS: dict[str, Validator] = {
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One command of the local API, declared once: how its arguments are checked and
+    what kind of command it is. The SDK, the IPC server and the store read these flags
+    instead of keeping lists of their own."""
+
+    name: str
+    validate: Validator
+    served_by: str = "store"     # store (state layer, batchable), streams, node or mesh
+    read_only: bool = False      # reads only: no transaction to commit, no events
+    journaled: bool = False      # acknowledged from the journal, folded into SQLite later
+    paged: bool = False          # a list read: limit/offset, answered in pages (PAGED)
+    answers: str | None = None   # "session" / "sessions": rows get the host's state
+
+    @property
+    def batchable(self) -> bool:
+        """Only the store's commands may be items of a batch: streams are followed by
+        pushes, and node and mesh commands are not the store's to group-commit."""
+        return self.served_by == "store"
+
+
+def _read(name: str, validate: Validator, **flags: Any) -> Command:
+    return Command(name, validate, read_only=True, **flags)
+
+
+_LIST = {"read_only": True, "paged": True}
+
+REGISTRY: dict[str, Command] = {c.name: c for c in [
     # registry
-    "session.register": _spec(session_id=SID, agent_name=(s.text, R), agent_type=(s.text, R),
-                              human_user=(s.opt_text, None), capabilities=(s.str_list, None),
-                              metadata=(s.mapping, None), location=(s.opt_text, None)),
-    "session.unregister": _spec(session_id=SID),
-    "session.ping": _spec(session_id=SID),
-    "session.get": _spec(session_id=SID),
-    "session.update_status": _spec(session_id=SID, status=(_status, R),
-                                   current_task=(s.opt_text, _ABSENT)),
-    "session.list": _spec(include_offline=(s.boolean, False), **PAGE),
-    "session.find": _spec(status=(_opt_status, None), agent_type=(s.opt_text, None),
-                          human_user=(s.opt_text, None), capability=(s.opt_text, None),
-                          **PAGE),
-    "session.stats": _spec(),
-    "session.clear_offline": _spec(),
-    "session.import": _spec(session=(_record(s.session_record), R)),
+    Command("session.register", _spec(
+        session_id=SID, agent_name=(s.text, R), agent_type=(s.text, R),
+        human_user=(s.opt_text, None), capabilities=(s.str_list, None),
+        metadata=(s.mapping, None), location=(s.opt_text, None)), answers="session"),
+    Command("session.unregister", _spec(session_id=SID)),
+    Command("session.ping", _spec(session_id=SID)),
+    _read("session.get", _spec(session_id=SID), answers="session"),
+    Command("session.update_status", _spec(session_id=SID, status=(_status, R),
+                                           current_task=(s.opt_text, _ABSENT))),
+    Command("session.list", _spec(include_offline=(s.boolean, False), **PAGE),
+            answers="sessions", **_LIST),
+    Command("session.find", _spec(status=(_opt_status, None), agent_type=(s.opt_text, None),
+                                  human_user=(s.opt_text, None),
+                                  capability=(s.opt_text, None), **PAGE),
+            answers="sessions", **_LIST),
+    _read("session.stats", _spec()),
+    Command("session.clear_offline", _spec()),
+    Command("session.import", _spec(session=(_record(s.session_record), R))),
     # messages
-    "message.send": _spec(message=(_record(s.message_record), R)),
-    "message.list": _spec(session_id=SID, include_broadcasts=(s.boolean, True),
-                          message_type=(_opt_msgtype, None), unread_only=(s.boolean, False),
-                          **PAGE),
-    "message.conversation": _spec(message_id=(s.ident, R)),
-    "message.mark_read": _spec(session_id=SID, message_ids=(s.str_list, None)),
-    "message.stats": _spec(),
-    "message.status": _spec(message_id=(s.ident, R)),
-    "message.sent": _spec(session_id=SID, **PAGE),
+    Command("message.send", _spec(message=(_record(s.message_record), R)), journaled=True),
+    Command("message.list", _spec(session_id=SID, include_broadcasts=(s.boolean, True),
+                                  message_type=(_opt_msgtype, None),
+                                  unread_only=(s.boolean, False), **PAGE), **_LIST),
+    _read("message.conversation", _spec(message_id=(s.ident, R))),
+    Command("message.mark_read", _spec(session_id=SID, message_ids=(s.str_list, None))),
+    _read("message.stats", _spec()),
+    _read("message.status", _spec(message_id=(s.ident, R))),
+    Command("message.sent", _spec(session_id=SID, **PAGE), **_LIST),
     # shared memory
-    "memory.set": _spec(entry=(_record(s.entry_record), R)),
-    "memory.get": _spec(key=(s.key, R)),
-    "memory.get_all": _spec(key=(s.key, R), **PAGE),
-    "memory.search": _spec(pattern=(s.key, R), **PAGE),
-    "memory.by_tags": _spec(tags=(s.str_list, R), match_all=(s.boolean, False), **PAGE),
-    "memory.by_session": _spec(session_id=SID, **PAGE),
-    "memory.delete": _spec(key=(s.key, R), session_id=(s.opt_ident, None)),
-    "memory.clear": _spec(session_id=(s.opt_ident, None)),
-    "memory.stats": _spec(),
+    Command("memory.set", _spec(entry=(_record(s.entry_record), R)), journaled=True),
+    _read("memory.get", _spec(key=(s.key, R))),
+    Command("memory.get_all", _spec(key=(s.key, R), **PAGE), **_LIST),
+    Command("memory.search", _spec(pattern=(s.key, R), **PAGE), **_LIST),
+    Command("memory.by_tags", _spec(tags=(s.str_list, R), match_all=(s.boolean, False),
+                                    **PAGE), **_LIST),
+    Command("memory.by_session", _spec(session_id=SID, **PAGE), **_LIST),
+    Command("memory.delete", _spec(key=(s.key, R), session_id=(s.opt_ident, None))),
+    Command("memory.clear", _spec(session_id=(s.opt_ident, None))),
+    _read("memory.stats", _spec()),
     # the daemon itself and its mesh
-    "node.info": _spec(),
-    "mesh.peers": _spec(),
-    "mesh.join": _spec(address=(s.address, R)),
-    "mesh.leave": _spec(),
-    "mesh.force_leave": _spec(node=(s.ident, R)),
+    Command("node.info", _spec(), served_by="node", read_only=True),
+    Command("mesh.peers", _spec(), served_by="mesh", read_only=True),
+    Command("mesh.join", _spec(address=(s.address, R)), served_by="mesh"),
+    Command("mesh.leave", _spec(), served_by="mesh"),
+    Command("mesh.force_leave", _spec(node=(s.ident, R)), served_by="mesh"),
     # live streams (served by the IPC layer, not the store)
-    "stream.subscribe": _spec(session_id=(s.opt_ident, None), cursor=(_opt_count, None),
-                              types=(_msgtypes, None), window=(_opt_count, None)),
-    "stream.ack": _spec(sub=(s.count, R), cursor=(s.count, R)),
-    "stream.close": _spec(sub=(s.count, R)),
-}
+    Command("stream.subscribe", _spec(session_id=(s.opt_ident, None),
+                                      cursor=(_opt_count, None), types=(_msgtypes, None),
+                                      window=(_opt_count, None)), served_by="streams"),
+    Command("stream.ack", _spec(sub=(s.count, R), cursor=(s.count, R)), served_by="streams"),
+    Command("stream.close", _spec(sub=(s.count, R)), served_by="streams"),
+]}
 
-
+#: The argument validators by command name.
+COMMANDS: dict[str, Validator] = {name: c.validate for name, c in REGISTRY.items()}
 #: List commands that answer in pages: given `limit` (and `offset`), the answer is
 #: {"items": [...], "more": bool}, the items also cut to about a frame's size; without
 #: `limit`, a plain list, refused as too large past a bound (the SDK always pages).
-PAGED = frozenset({"session.list", "session.find", "message.list", "message.sent",
-                   "memory.get_all", "memory.search", "memory.by_tags", "memory.by_session"})
+PAGED = frozenset(name for name, c in REGISTRY.items() if c.paged)
+#: Commands the store answers (the state layer's handlers, one per name).
+STORE_COMMANDS = frozenset(name for name, c in REGISTRY.items() if c.served_by == "store")
+READ_ONLY = frozenset(name for name in STORE_COMMANDS if REGISTRY[name].read_only)
+#: Writes acknowledged from the journal (memory sets and sends).
+JOURNALED = frozenset(name for name, c in REGISTRY.items() if c.journaled)
 
 
 def validate_args(command: str, args: Any) -> dict[str, Any]:
@@ -292,6 +330,5 @@ def decode_reply(frame: bytes, max_bytes: int) -> tuple[int | None, int, Any]:
         raise ProtocolError("a batch reply's body must be a list of replies")
     return msg[0], msg[1], msg[2]
 
-#: Commands that may be items of a batch: those the store answers (not streams, whose
-#: replies are followed by pushes, nor node information).
-BATCHABLE = frozenset(c for c in COMMANDS if not c.startswith(("stream.", "node.", "mesh.")))
+#: Commands that may be items of a batch (see Command.batchable).
+BATCHABLE = frozenset(name for name, c in REGISTRY.items() if c.batchable)
