@@ -57,6 +57,7 @@ class Agent:
         self.node_id: str | None = None
         self.delivered: int | None = None       # the cursor: last seq handed out
         self.registered = False
+        self.register_sent = False          # a register request went out (see join)
         self.inbox: deque[tuple[int, Message]] = deque()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._arrived = asyncio.Event()
@@ -97,6 +98,9 @@ class Agent:
                 lambda: CollaborationHub(socket=path, timeout=timeout).subscribe(sid, cursor))
             try:
                 ident = self.identity
+                # (From here the daemon may hold the session even if a signal cuts the
+                # join short: --on-exit offline must then still unregister it.)
+                self.register_sent = True
                 await self.registry.register(sid, ident.name, ident.agent_type, ident.user,
                                              list(ident.capabilities))
                 self._keepalive = self.registry.keepalive(sid, self.keepalive_interval)

@@ -153,7 +153,7 @@ def serve(identity: Identity, socket: str | None = None, timeout: float | None =
     try:
         asyncio.run(_run(mcp, http))
     finally:
-        if agent.registered and identity.on_exit == "offline":
+        if (agent.registered or agent.register_sent) and identity.on_exit == "offline":
             try:
                 SessionRegistry(socket=agent.socket_path, timeout=3.0).unregister(
                     identity.session_id)
