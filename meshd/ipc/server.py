@@ -237,8 +237,13 @@ class IPCServer:
             return
         cutoff = self.store.now() - self.config.session_stale_after / 4
         try:
+            with self.store.read(fold=False):          # (most turns: nothing is due)
+                due = sessions.due_for_keepalive(self.store, watched, cutoff)
+            if not due:
+                return
+            # (An unregistered session stays OFFLINE: a ping touches only last_ping.)
             with self.store.write():
-                pinged = sessions.keep_alive(self.store, watched, cutoff)
+                pinged = sum(sessions.ping(self.store, {"session_id": sid}) for sid in due)
         except MeshError as exc:
             log.warning("keeping watched sessions alive failed: %s", exc)
             return

@@ -144,19 +144,16 @@ def ping(store: "Store", a: dict[str, Any]) -> bool:
     return _update(store, a["session_id"], "last_ping = ?", (store.now(),))
 
 
-def keep_alive(store: "Store", session_ids: list[str], older_than: float) -> int:
-    """Ping the given sessions hosted here whose last ping is before `older_than`
-    (unregistered ones stay OFFLINE: only last_ping changes). How many."""
-    n = 0
+def due_for_keepalive(store: "Store", session_ids: list[str], older_than: float) -> list[str]:
+    """Of the given sessions, those hosted here whose last ping is before `older_than`."""
+    due: list[str] = []
     for i in range(0, len(session_ids), 500):              # (SQLite's variable limit)
         chunk = session_ids[i:i + 500]
         marks = ",".join("?" * len(chunk))
-        for (sid,) in store.conn.execute(
-                f"SELECT session_id FROM sessions WHERE session_id IN ({marks}) AND deleted = 0"
-                f" AND host = ? AND last_ping < ?", (*chunk, store.node_id, older_than)
-                ).fetchall():
-            n += ping(store, {"session_id": sid})
-    return n
+        due += [r[0] for r in store.conn.execute(
+            f"SELECT session_id FROM sessions WHERE session_id IN ({marks}) AND deleted = 0"
+            f" AND host = ? AND last_ping < ?", (*chunk, store.node_id, older_than))]
+    return due
 
 
 def update_status(store: "Store", a: dict[str, Any]) -> bool:

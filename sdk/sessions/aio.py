@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import zmq
 
-from meshd.errors import DaemonUnavailable, InvalidArgument, MeshError, NotFound, Timeout, TooLarge
+from meshd.errors import DaemonUnavailable, InvalidArgument, MeshError, Timeout, TooLarge
 from meshd.wire.ipc import (
     BATCH, BATCHABLE, ERROR, OK, decode_reply, encode_item, encode_items, validate_args,
 )
@@ -415,16 +415,12 @@ class AsyncCollaborationHub(_AsyncBase):
                        priority: str = "normal") -> Message:
         """As CollaborationHub.dispatch: to one IDLE or ACTIVE session with `capability`."""
         found = await self._run(ops.find_sessions(capability=capability))
-        key = asking.dispatch_key(capability)
-        last = await self._run(ops.memory_get(key, {}))
-        chosen = asking.choose(found, from_session, last)
-        if chosen is None:
-            raise NotFound(asking.nobody(capability, found, from_session))
+        last = await self._run(ops.memory_get(asking.dispatch_key(capability), {}))
+        chosen = asking.pick(found, capability, from_session, last)
         msg = await self.send(from_session, chosen.session_id, type, subject, body, data,
                               priority=priority)
-        await self._run(ops.memory_delete(key))
-        await self._run(ops.memory_set(from_session, key, asking.record(last, chosen.session_id),
-                                       ttl=asking.DISPATCH_TTL, tags=["meshd"]))
+        for op in asking.record_ops(from_session, capability, last, chosen.session_id):
+            await self._run(op)
         return msg
 
     async def get_message_status(self, message_id: str) -> dict[str, Any] | None:

@@ -74,6 +74,27 @@ def nobody(capability: str, found: list[Session], from_session: str) -> str:
             f"are busy or offline: {busy}")
 
 
+def pick(found: list[Session], capability: str, from_session: str,
+         last: dict[str, float] | None) -> Session:
+    """The session to dispatch to, or NotFound saying why there is none."""
+    from meshd.errors import NotFound
+    chosen = choose(found, from_session, last)
+    if chosen is None:
+        raise NotFound(nobody(capability, found, from_session))
+    return chosen
+
+
+def record_ops(from_session: str, capability: str, last: dict[str, float] | None,
+               chosen: str) -> list[Any]:
+    """The memory writes that record a dispatch: the old entries of the key go, the new
+    record stays (one current record per capability)."""
+    from sessions import _ops as ops
+    key = dispatch_key(capability)
+    return [ops.memory_delete(key),
+            ops.memory_set(from_session, key, record(last, chosen), ttl=DISPATCH_TTL,
+                           tags=["meshd"])]
+
+
 def answers(msg: Message | None, request_id: str) -> bool:
     return (msg is not None and msg.in_reply_to == request_id
             and msg.type == MessageType.RESPONSE)

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from meshd.errors import NotFound, Timeout
+from meshd.errors import Timeout
 from meshd.wire.schema import enum_value
 from sessions import _ops as ops
 from sessions import asking
@@ -90,18 +90,12 @@ class CollaborationHub:
         rule of `sessions.asking` (idle first, then least recently dispatched to, then by
         host state); the message's to_session says which. NotFound when none qualifies."""
         found = self._backend.run(ops.find_sessions(capability=capability))
-        key = asking.dispatch_key(capability)
-        last = self._backend.run(ops.memory_get(key, {}))
-        chosen = asking.choose(found, from_session, last)
-        if chosen is None:
-            raise NotFound(asking.nobody(capability, found, from_session))
+        last = self._backend.run(ops.memory_get(asking.dispatch_key(capability), {}))
+        chosen = asking.pick(found, capability, from_session, last)
         msg = self.send(from_session, chosen.session_id, type, subject, body, data,
                         priority=priority)
-        # One current record per capability: the old entries go, the new one stays.
-        self._backend.run(ops.memory_delete(key))
-        self._backend.run(ops.memory_set(from_session, key,
-                                         asking.record(last, chosen.session_id),
-                                         ttl=asking.DISPATCH_TTL, tags=["meshd"]))
+        for op in asking.record_ops(from_session, capability, last, chosen.session_id):
+            self._backend.run(op)
         return msg
 
     def get_message_status(self, message_id: str) -> dict[str, Any] | None:
