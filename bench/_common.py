@@ -15,15 +15,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
+# The project measured: this checkout, or the copy MESHD_BENCH_ROOT names (bench/compare.py
+# runs these same scripts against a copy of each version, each with its own daemon and SDK).
+ROOT = Path(os.environ.get("MESHD_BENCH_ROOT")
+            or Path(__file__).resolve().parent.parent).resolve()
 for _p in (str(ROOT / "sdk"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 # Children find the project the same way; the bench names its own sockets and addresses.
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), str(ROOT / "sdk"), os.environ.get("PYTHONPATH", "")) if p))
-for _v in ("MESHD_SOCKET", "MESHD_BIND", "MESHD_ADVERTISE", "MESHD_JOIN", "MESHD_DATA_DIR",
-           "MESHD_LOG_LEVEL", "MESHD_DURABILITY"):
+for _v in ("MESHD_BENCH_ROOT", "MESHD_SOCKET", "MESHD_BIND", "MESHD_ADVERTISE", "MESHD_JOIN",
+           "MESHD_DATA_DIR", "MESHD_LOG_LEVEL", "MESHD_DURABILITY"):
     ENV.pop(_v, None)
 # No mDNS on this machine's network: only bench_discovery turns it on, inside namespaces.
 ENV["MESHD_DISCOVERY"] = "0"
@@ -114,3 +117,39 @@ def eventually(pred: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() - t0 > timeout:
             raise BenchTimeout(f"timed out after {timeout:g}s waiting for {what}{last}")
         time.sleep(interval)
+
+
+# --- machine-readable results (--json PATH), for bench/compare.py ----------------------------
+
+CODE_PROBE = ("import json, meshd, sessions; "
+              "print(json.dumps({'meshd': meshd.__file__, 'sessions': sessions.__file__}))")
+
+
+def code_paths() -> dict[str, Any]:
+    """Where the project's packages come from: in this process, and in a child started as
+    the daemons are (this python, ENV, cwd ROOT), so that a comparison can check that each
+    version ran its own daemon and SDK."""
+    import json
+    import meshd
+    import sessions
+    out: dict[str, Any] = {"root": str(ROOT), "python": sys.executable,
+                           "bench": {"meshd": meshd.__file__, "sessions": sessions.__file__}}
+    try:
+        r = subprocess.run([sys.executable, "-c", CODE_PROBE], env=ENV, cwd=str(ROOT),
+                           capture_output=True, text=True, timeout=30)
+        out["child"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-500:]}
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        out["child"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    """Write a bench's results to `path` (nothing when no --json was given)."""
+    if not path:
+        return
+    import json
+    result = dict(result, code=code_paths())
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, path)

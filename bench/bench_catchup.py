@@ -231,6 +231,8 @@ def main() -> int:
     ap.add_argument("--sources", default="1,2", help="scenarios: source daemons, e.g. 1,2,3")
     ap.add_argument("--preset", choices=("test", "lan"), default="test")
     ap.add_argument("--quick", action="store_true", help="5,000 entries, 1 run: a smoke run")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write the results to PATH as JSON (for bench/compare.py)")
     args = ap.parse_args()
     n = 5_000 if args.quick and args.entries == 50_000 else args.entries
     runs = 1 if args.quick else max(1, args.runs)
@@ -345,6 +347,23 @@ def main() -> int:
     for name, tail in logs:
         print(f"daemon log {name}:\n" + "\n".join("  " + ln for ln in tail.splitlines()))
     print(f"total bench time {time.monotonic() - t_start:.1f}s")
+    c.write_json(args.json, {
+        "bench": "catchup", "quick": args.quick, "version": info.get("version"),
+        "durability": info.get("durability"), "preset": args.preset, "entries": n,
+        "runs": runs, "setup": setup,
+        "failure": None if failure is None else f"{type(failure).__name__}: {failure}",
+        "raw": {"rate": med([r["rate"] for r in raw]), "seconds": med([r["seconds"] for r in raw]),
+                "runs": [{"rate": r["rate"], "seconds": r["seconds"]} for r in raw]} if raw else None,
+        "rows": [{"sources": s, "start_all": med([r["all"] for r in res]),
+                  "alive_all": med([r["all"] - r["alive"] for r in res]),
+                  "rate": med([r["rate"] for r in res]),
+                  "ratio": med([r["rate"] for r in res]) / med([r["rate"] for r in raw])
+                  if raw else None,
+                  "entries_ok": all(r["entries"] >= n or "late" in r for r in res),
+                  "runs": [{k: r.get(k) for k in ("alive", "ready", "all", "rate", "entries",
+                                                   "late")} for r in res]}
+                 for s, res in rows],
+        "bench_seconds": time.monotonic() - t_start})
     if failure is not None:
         return 130 if isinstance(failure, KeyboardInterrupt) else 1
     return 0

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import ENV, ROOT, cpu_ns, pct_us, read_line, stop_pid  # noqa: E402
+from _common import ENV, ROOT, cpu_ns, pct_us, read_line, stop_pid, write_json  # noqa: E402
 
 import zmq  # noqa: E402
 
@@ -343,6 +343,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None,
                     help="length of each throughput run (default 3, --quick 0.5)")
     ap.add_argument("--clients", default="1,2,4", help="client process counts, e.g. 1,2,4")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write the results to PATH as JSON (for bench/compare.py)")
     args = ap.parse_args()
 
     if args.quick:
@@ -364,6 +366,7 @@ def main() -> int:
     cpu: dict[str, list[int]] = {}             # [client cpu ns, server cpu ns, calls]
     runs: list[dict[str, Any]] = []
     check = ""
+    entries_ok = False
     try:
         raw = RawEcho(sockdir)
         raw.round_trips(2000 if not args.quick else 300)          # warm-up
@@ -410,6 +413,7 @@ def main() -> int:
         grew = after - before
         need = total_acked + sum(r["warmups"] for r in runs)
         errs = sum(sum(r["errors"].values()) for r in runs)
+        entries_ok = grew >= need
         check = (f"entries check: acknowledged sets {total_acked:,} (+{need - total_acked} "
                  f"warm-up sets); total_entries {before:,} -> {after:,}, grew by {grew:,}: "
                  f"{'OK' if grew >= need else 'MISSING ' + format(need - grew, ',') + ' ENTRIES'}")
@@ -491,6 +495,17 @@ def main() -> int:
         print("daemon log (warnings and errors):")
         for line in log.splitlines()[-20:]:
             print("  " + line)
+    write_json(args.json, {
+        "bench": "ipc", "quick": args.quick, "version": daemon.info.get("version"),
+        "durability": mode, "window": window, "seconds": seconds,
+        "latency": {name: {"p50_us": pct_us(lat[name], 0.5), "p99_us": pct_us(lat[name], 0.99),
+                           "p50_ratio": pct_us(lat[name], 0.5) / raw_p50, "n": len(lat[name])}
+                    for name in lat},
+        "raw_rate": raw_rate,
+        "durable": [{"clients": r["clients"], "rate": r["rate"], "acked": r["acked"],
+                     "errors": r["errors"]} for r in runs],
+        "entries_ok": entries_ok, "check": check,
+        "bench_seconds": time.monotonic() - t_start})
     return 0
 
 

@@ -40,7 +40,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import ENV, ROOT, BenchError, cpu_ns, eventually, pct_us, read_line, stop_pid  # noqa: E402
+from _common import (ENV, ROOT, BenchError, cpu_ns, eventually, pct_us, read_line,  # noqa: E402
+                     stop_pid, write_json)
 
 import zmq  # noqa: E402
 
@@ -572,6 +573,8 @@ def main() -> int:
     ap.add_argument("--key", action="store_true",
                     help="give the daemons a cluster key (CurveZMQ-encrypted peer traffic), "
                          "to see what encryption costs; the raw relay stays plaintext")
+    ap.add_argument("--json", metavar="PATH", default=None,
+                    help="also write the results to PATH as JSON (for bench/compare.py)")
     args = ap.parse_args()
 
     if args.quick:
@@ -743,6 +746,11 @@ def main() -> int:
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT MET"
 
+    def median_rate(runs: list[dict[str, Any]]) -> float:
+        rates = sorted(r["rate"] for r in runs)
+        return rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:
+                                                                         len(rates) // 2 + 1]) / 2
+
     if rows:
         print()
         print(f"one-way latency ({lat_n} direct messages and {bc_n} broadcasts per N, one at a "
@@ -778,11 +786,6 @@ def main() -> int:
         print(f"{'path':<50}{'msgs/s':>9}{'x raw':>7}  {'target':<8}{'verdict':<8}"
               f"{'missing':>8}{'dups':>6}{'order':>6}")
         print("-" * w)
-
-        def median_rate(runs: list[dict[str, Any]]) -> float:
-            rates = sorted(r["rate"] for r in runs)
-            return rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1:
-                                                                             len(rates) // 2 + 1]) / 2
 
         for row in tp_rows:
             rate = median_rate(row["runs"])
@@ -834,6 +837,31 @@ def main() -> int:
         for line in tail.splitlines():
             print("  " + line)
     print(f"total bench time {time.monotonic() - t_start:.1f}s")
+    write_json(args.json, {
+        "bench": "routing", "quick": args.quick, "version": info.get("version"),
+        "durability": info.get("durability"), "preset": args.preset, "key": args.key,
+        "window": window, "setup": setup,
+        "failure": None if failure is None else f"{type(failure).__name__}: {failure}",
+        "latency": [{"name": row["name"], "raw": bool(row.get("raw")),
+                     "p50_us": pct_us(row["lat"], 0.5), "p99_us": pct_us(row["lat"], 0.99),
+                     "ratio": None if row.get("raw") else
+                     pct_us(row["lat"], 0.5) / pct_us(row["ref"], 0.5),
+                     "lost": row["lost"], "n": len(row["lat"]),
+                     "call_p50_us": pct_us(row["call"], 0.5) if "call" in row else None,
+                     "first_p50_us": pct_us(row["first"], 0.5) if row.get("first") else None}
+                    for row in rows],
+        "throughput": [{"name": row["name"], "raw": bool(row.get("raw")),
+                        "rate": median_rate(row["runs"]),
+                        "ratio": None if row.get("raw") else
+                        median_rate(row["runs"]) / median_rate(row["ref"]),
+                        "runs": [{k: r.get(k) for k in ("rate", "acked_rate", "arrived", "sent",
+                                                         "missing", "dups", "reordered")}
+                                 for r in row["runs"]]}
+                       for row in tp_rows],
+        "dups": dups, "reordered": reordered, "routed": routed,
+        "routing_ok": bool(counters) and counters.get("routing.routed_in", 0) == routed
+        and counters.get("routing.acked_items", 0) == routed,
+        "receiver_errors": rx_errors, "bench_seconds": time.monotonic() - t_start})
     if failure is not None:
         if isinstance(failure, KeyboardInterrupt):
             return 130

@@ -10,7 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -20,8 +20,12 @@ from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.ipc.server import IPCServer
 from meshd.mesh.node import Mesh
+from meshd.mesh.periodic import Periodic, stop_all
 from meshd.sdnotify import notify
 from meshd.state import db, memory
+from meshd.state.commands import Commands
+from meshd.state.outbox import Outbox
+from meshd.state.pipeline import WritePipeline
 from meshd.state.store import Store
 from meshd.wire.ipc import PROTOCOL_VERSION
 
@@ -40,11 +44,13 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store: Store | None = None
+        self.outbox: Outbox | None = None
+        self.pipeline: WritePipeline | None = None
         self.ipc: IPCServer | None = None
         self.mesh: Mesh | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._lock_fd: int | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: list[Periodic] = []
         self._stopped = asyncio.Event()
         self._started_at = time.time()
 
@@ -53,21 +59,26 @@ class Daemon:
         self._lock_data_dir(Path(cfg.data_dir))
         self.store = Store(cfg.data_dir, durability=cfg.durability,
                            stale_after=cfg.session_stale_after, exclusive=True)
-        recovered = self.store.enable_journal(fsync=cfg.durability == "fsync")
+        # The daemon routes when it is part of a mesh: outbox seqs are then given as sends
+        # are journaled, so they can go out before they reach SQLite.
+        self.outbox = Outbox(self.store, routing=cfg.mesh)
+        self.pipeline = WritePipeline(self.store, self.outbox, fsync=cfg.durability == "fsync")
+        recovered = self.pipeline.replay()
         if recovered:
             log.info("folded %d journaled set(s) left by the last run into the store", recovered)
         self._ctx = zmq.asyncio.Context()
         if cfg.mesh:
-            self.mesh = Mesh(cfg, self.store, zmq.Context.shadow(self._ctx.underlying))
+            self.mesh = Mesh(cfg, self.store, zmq.Context.shadow(self._ctx.underlying),
+                             self.outbox, self.pipeline, on_delivered=self._delivered)
             await self.mesh.start()
         self.ipc = IPCServer(cfg, self.store, self._ctx, self.info,
+                             Commands(self.store, self.outbox), self.pipeline,
                              peers=self.mesh.peers if self.mesh else None,
                              on_commit=self.mesh.committed if self.mesh else None,
+                             on_journaled=self.mesh.router.send_new if self.mesh else None,
                              control=self.control)
         await self.ipc.start()
-        if self.mesh is not None:
-            self.mesh.router.on_delivered = self.ipc.publish_events
-        self._spawn(self._housekeeping())
+        self._every(self._housekeeping, cfg.expiry_interval, "housekeeping")
         log.info("meshd %s ready: node %s, data in %s, durability=%s, peers on %s",
                  __version__, self.store.node_id, cfg.data_dir, cfg.durability,
                  self.mesh.address if self.mesh else "(no mesh)")
@@ -78,6 +89,11 @@ class Daemon:
                         "(meshd --gen-key FILE), copy it to every host and start each "
                         "daemon with --key-file FILE (or bind to 127.0.0.1)",
                         self.mesh.address)
+
+    def _delivered(self) -> None:
+        """Messages routed here landed in local inboxes: live streams push them."""
+        if self.ipc is not None:
+            self.ipc.publish_events()
 
     def _lock_data_dir(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -90,24 +106,23 @@ class Daemon:
                                 f"directory, is using the data directory {data_dir}") from None
         self._lock_fd = fd
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _every(self, fn: Callable[[], None], interval: float, what: str,
+               first: float | None = None) -> None:
+        timer = Periodic(fn, interval, what=what, first=first)
+        timer.start()
+        self._timers.append(timer)
 
-    async def _housekeeping(self) -> None:
+    def _housekeeping(self) -> None:
         """Purge expired memory entries and idle stream subscriptions."""
-        while True:
-            await asyncio.sleep(self.config.expiry_interval)
-            try:
-                assert self.store is not None and self.ipc is not None
-                with self.store.write():
-                    purged = memory.purge_expired(self.store)
-                if purged:
-                    log.info("purged %d expired memory entries", purged)
-                self.ipc.housekeeping()
-            except MeshError as exc:
-                log.warning("housekeeping failed: %s", exc)
+        try:
+            assert self.store is not None and self.ipc is not None
+            with self.store.write():
+                purged = memory.purge_expired(self.store)
+            if purged:
+                log.info("purged %d expired memory entries", purged)
+            self.ipc.housekeeping()
+        except MeshError as exc:
+            log.warning("housekeeping failed: %s", exc)
 
     def info(self) -> dict[str, Any]:
         assert self.store is not None and self.ipc is not None
@@ -142,13 +157,8 @@ class Daemon:
 
     async def stop(self) -> None:
         """Reverse order of start: stop serving, stop timers, close the store."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await stop_all(*self._timers)
+        self._timers = []
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None
@@ -180,7 +190,8 @@ async def serve(config: Config) -> None:
         notify("READY=1\nSTATUS=serving")
         watchdog = _watchdog_interval()
         if watchdog:
-            daemon._spawn(_watchdog(watchdog))
+            # Pinged from the event loop itself: if the loop is stuck, the pings stop.
+            daemon._every(lambda: notify("WATCHDOG=1"), watchdog, "systemd watchdog", first=0)
         await daemon.wait_stopped()
         log.info("shutting down")
         notify("STOPPING=1")
@@ -199,10 +210,3 @@ def _watchdog_interval() -> float | None:
         return max(int(usec) / 2e6, 0.1)
     except ValueError:
         return None
-
-
-async def _watchdog(interval: float) -> None:
-    """Ping systemd from the event loop itself: if the loop is stuck, the pings stop."""
-    while True:
-        notify("WATCHDOG=1")
-        await asyncio.sleep(interval)

@@ -11,14 +11,11 @@ clients (its replies are dropped and counted).
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import itertools
 import logging
 import os
 import socket as pysocket
-import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,14 +23,18 @@ import zmq
 import zmq.asyncio
 
 from meshd.config import Config
-from meshd.errors import MeshError, StoreError
+from meshd.errors import MeshError
+from meshd.ipc.batches import DEFER_OVER, StoreBatches, Work
 from meshd.ipc.streams import Limits, Streams
-from meshd.state import commands, sessions
-from meshd.state.folder import FoldThread
+from meshd.ipc.writes import JournaledWrites
+from meshd.mesh.drain import SocketDrain
+from meshd.state import sessions
+from meshd.state.commands import Commands
+from meshd.state.pipeline import WritePipeline
 from meshd.state.store import Store
 from meshd.wire.ipc import (
-    BATCH_COMMAND, BATCHABLE, JOURNALED, OK, REGISTRY, decode_items, decode_request,
-    encode_batch_replies, encode_error, encode_reply, validate_args,
+    BATCH_COMMAND, JOURNALED, OK, REGISTRY, decode_items, decode_request, encode_batch_replies,
+    encode_error, encode_reply, validate_args,
 )
 
 log = logging.getLogger("meshd.ipc")
@@ -44,26 +45,6 @@ MAX_SOCKET_PATH = 107
 NodeInfo = Callable[[], dict[str, Any]]
 #: The daemon's answer to a mesh control command (mesh.join, mesh.leave, mesh.force_leave).
 Control = Callable[[str, dict[str, Any]], Any]
-
-#: A request to run: (client ident, req_id, command, validated args, batch group or None).
-Work = tuple[bytes, int, str, dict[str, Any], "int | None"]
-
-#: Commands whose answer is a session record (or None) and those answering a list of them.
-_ONE_SESSION = frozenset(n for n, c in REGISTRY.items() if c.answers == "session")
-_SESSIONS = frozenset(n for n, c in REGISTRY.items() if c.answers == "sessions")
-
-#: A batch of more requests than this (that are not all journaled writes) is served a
-#: slice at a time, _SLICE requests a transaction, within a time budget per loop turn.
-_DEFER_OVER = 16
-_SLICE = 4
-#: Slices waiting at most; past it no new request is read until they are served.
-_MAX_DEFERRED = 256
-#: Bytes of answers to one batch frame at most; items past it get a too_large error.
-_BATCH_REPLY_BYTES = 16 << 20
-
-# Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call on the hot path.
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
 
 class SocketInUse(MeshError):
     """Another live daemon already serves this socket."""
@@ -90,52 +71,18 @@ def prepare_socket_path(path: str, mode: int) -> None:
             probe.close()
 
 
-class _BatchFailed(Exception):
-    """A request failed in a batch run without savepoints: run it again with them."""
-
-
-class HostStates:
-    """The membership state of the node hosting a session, as this daemon sees it, so a
-    client can tell a session that is idle from one whose host is gone ("local", or a
-    member's "alive", "suspect", "dead", "left"; "unknown" for a host that is not, or no
-    longer, a member). The member table is asked at most once per batch, and only when a
-    session hosted elsewhere is answered: a lone daemon pays nothing."""
-
-    def __init__(self, local: str, peers: Callable[[], list[dict[str, Any]]] | None) -> None:
-        self.local = local
-        self._peers = peers
-        self._states: dict[str, str] | None = None
-
-    def __call__(self, host: str | None) -> str:
-        if host == self.local:
-            return "local"
-        if self._states is None:
-            peers = self._peers() if self._peers is not None else []
-            self._states = {p["node_id"]: p["state"] for p in peers}
-        return self._states.get(host or "", "unknown")
-
-    def mark(self, command: str, result: Any) -> Any:
-        """Add `host_state` to the session records in a command's answer (in place: the
-        rows are fresh). The status itself the store already reads as OFFLINE when the
-        host is not up, without rewriting the replicated row."""
-        if isinstance(result, dict) and "items" in result:    # a page of a list
-            result_rows = result["items"]
-        else:
-            result_rows = result
-        rows = (result_rows if command in _SESSIONS else [result] if command in _ONE_SESSION
-                else ())
-        for row in rows:
-            if isinstance(row, dict):
-                row["host_state"] = self(row.get("host"))
-        return result
-
-
 class IPCServer:
-    """Serves one ROUTER socket from the daemon's event loop."""
+    """Serves one ROUTER socket from the daemon's event loop. Each request goes where its
+    command is declared to be served (`meshd.wire.ipc.REGISTRY`): the store (batched,
+    `meshd.ipc.batches`; memory sets and sends through the journal, `meshd.ipc.writes`),
+    the live streams, or the daemon (node information, mesh control)."""
 
     def __init__(self, config: Config, store: Store, ctx: zmq.asyncio.Context,
-                 node_info: NodeInfo, peers: Callable[[], list[dict[str, Any]]] | None = None,
+                 node_info: NodeInfo, commands: Commands,
+                 pipeline: WritePipeline | None = None,
+                 peers: Callable[[], list[dict[str, Any]]] | None = None,
                  on_commit: Callable[[], None] | None = None,
+                 on_journaled: Callable[[], None] | None = None,
                  control: Control | None = None) -> None:
         self.config = config
         self.store = store
@@ -143,25 +90,34 @@ class IPCServer:
         self.node_info = node_info
         self.peers = peers
         self.control = control
-        # Told after writes reach SQLite (replication pushes them to peers).
+        # Told after writes reach SQLite (replication pushes them to peers), and after
+        # sends were journaled (the router sends them to other daemons at once).
         self.on_commit = on_commit or (lambda: None)
-        self.counters: Counter[str] = Counter(store.journal_damage)   # (kept at start)
+        self.on_journaled = on_journaled or (lambda: None)
+        self.counters: Counter[str] = Counter(pipeline.damage if pipeline else ())
         self._ctx = ctx
         self._sock: zmq.asyncio.Socket | None = None
         self._raw: zmq.Socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._scheduled = False
-        self._deferred: deque[list[Work]] = deque()    # slices of a big batch still to serve
-        self._reply_bytes: dict[tuple[bytes, int], int] = {}   # per deferred batch frame
-        self._deferred_scheduled = False
-        self._waiting_on: dict[bytes, int] = {}        # deferred items per connection
-        self._frames = itertools.count(1)              # batch frame tokens
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self._folder: FoldThread | None = None
+        self._drain: SocketDrain | None = None
         self.streams = Streams(store, self._send, config.stream_window, config.stream_idle_timeout,
                                Limits(config.stream_sub_bytes, config.stream_total_bytes,
                                       config.stream_max_per_client, config.stream_max_total,
                                       config.stream_client_bytes))
+        self.batches = StoreBatches(config, store, commands, self.counters, self._send,
+                                    self._served, self._recheck, peers)
+        self.writes = (None if pipeline is None else JournaledWrites(
+            config, pipeline, self.counters, self._folded, self._pushes_locally))
+        # The commands answered here rather than by the store, by how they are served.
+        self._local: dict[str, Callable[[bytes, int, dict[str, Any]], Any]] = {
+            "stream.subscribe": self._subscribe,
+            "stream.ack": lambda ident, _, a: self.streams.ack(ident, a),
+            "stream.close": lambda ident, _, a: self.streams.close(ident, a),
+            "node.info": lambda *_: self.node_info(),
+            "mesh.peers": lambda *_: self.peers() if self.peers is not None else [],
+        }
+        for name, c in REGISTRY.items():
+            if c.served_by == "mesh" and name not in self._local and self.control is not None:
+                self._local[name] = lambda _i, _r, a, name=name: self.control(name, a)  # type: ignore[misc]
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -184,29 +140,27 @@ class IPCServer:
         self._sock = sock
         # A synchronous view of the same socket: the loop tells us when it is readable and
         # we drain it with non-blocking calls, which costs far less than a future per frame.
+        # A turn reads a batch (group commit) of at most max_batch requests and a few big
+        # frames; none while deferred slices are full (backpressure on the client).
         self._raw = zmq.Socket.shadow(sock.underlying)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._raw.getsockopt(zmq.FD), self._drain)
-        if self.store.journal is not None:
-            loop = self._loop
-            self._folder = FoldThread(
-                self.store, lambda error: loop.call_soon_threadsafe(self._folded, error),
-                self.config.checkpoint_interval)
-            self._folder.start()
-        self._wake()
+        self._drain = SocketDrain(self._raw, on_batch=self._process,
+                                  max_count=self.config.max_batch,
+                                  max_bytes=4 * self.config.max_frame_bytes,
+                                  ready=lambda: not self.batches.full,
+                                  on_error=self._process_failed, name="local API", logger=log)
+        if self.writes is not None:
+            self.writes.start()
+        self._drain.start()
         log.info("serving the local API on ipc://%s", self.path)
 
     def stop(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        if self._folder is not None:
-            self._folder.stop()             # the store folds the rest when it closes
-            self._folder = None
+        if self.writes is not None:
+            self.writes.stop()              # the pipeline folds the rest when it closes
         if self._raw is None:
             return
-        if self._loop is not None:
-            self._loop.remove_reader(self._raw.getsockopt(zmq.FD))
+        if self._drain is not None:
+            self._drain.stop()
+            self._drain = None
         assert self._sock is not None
         self._sock.close(linger=0)
         self._sock = self._raw = None
@@ -254,47 +208,14 @@ class IPCServer:
     # --- receiving -------------------------------------------------------------------------
 
     def _recheck(self) -> None:
-        """After sending from outside `_drain`: a send lets ZeroMQ consume the socket's
+        """After sending from outside the drain: a send lets ZeroMQ consume the socket's
         readability edge, so look for waiting requests ourselves."""
-        if self._raw is not None and self._raw.get(_EVENTS) & _POLLIN:
-            self._wake()
+        if self._drain is not None:
+            self._drain.recheck()
 
-    def _wake(self) -> None:
-        """Drain again on the next loop turn (other tasks get to run in between)."""
-        if self._scheduled or self._raw is None:
-            return
-        self._scheduled = True
-        assert self._loop is not None
-        self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        """Called when the socket's FD is readable. That FD is edge-triggered, so we read
-        until ZeroMQ says nothing is left, a batch at a time."""
-        self._scheduled = False
-        raw = self._raw
-        if raw is None or len(self._deferred) >= _MAX_DEFERRED:
-            return                                  # (it wakes us when it has room again)
-        batch: list[list[bytes]] = []
-        budget = 4 * self.config.max_frame_bytes       # a few big batch frames at most
-        try:
-            while len(batch) < self.config.max_batch and raw.get(_EVENTS) & _POLLIN:
-                frames = raw.recv_multipart(zmq.NOBLOCK)
-                batch.append(frames)
-                budget -= len(frames[-1]) if frames else 0
-                if budget <= 0:
-                    break
-        except zmq.Again:
-            pass
-        except zmq.ZMQError as exc:                       # never let the loop die on a socket
-            log.warning("receive failed: %s", exc)
-        if batch:
-            try:
-                self._process(batch)
-            except Exception:                                # pragma: no cover - last resort
-                log.exception("unexpected error while serving a batch")
-                self.counters["internal_errors"] += 1
-        if self._raw is not None and self._raw.get(_EVENTS) & _POLLIN:
-            self._wake()                                     # more waiting: yield, then continue
+    def _process_failed(self, exc: Exception) -> None:      # pragma: no cover - last resort
+        log.error("unexpected error while serving a batch", exc_info=exc)
+        self.counters["internal_errors"] += 1
 
     def _process(self, batch: list[list[bytes]]) -> None:
         # Replies to single requests go out as they are; replies to the items of a batch
@@ -324,11 +245,11 @@ class IPCServer:
                 answer(ident, group, encode_error(req_id, "invalid_argument",
                                                   f"{type(exc).__name__}: {exc}"))
                 return
-            if group is None or command in BATCHABLE:
-                if command in commands.HANDLERS:
-                    store_work.append((ident, req_id, command, args, group))
-                else:
-                    local_work.append((ident, req_id, command, args, group))
+            served_by = REGISTRY[command].served_by
+            if served_by == "store":
+                store_work.append((ident, req_id, command, args, group))
+            elif group is None:
+                local_work.append((ident, req_id, command, args, group))
             else:
                 self.counters["rejected.bad_request"] += 1
                 answer(ident, group, encode_error(req_id, "bad_request",
@@ -352,7 +273,7 @@ class IPCServer:
                 continue
             groups.append((ident, []))
             group = len(groups) - 1
-            groups_tokens.append(next(self._frames))
+            groups_tokens.append(self.batches.token())
             self.counters["requests"] += len(items) - 1
             for item_id, item_command, item_args in items:
                 if item_command is None:
@@ -362,25 +283,20 @@ class IPCServer:
                     take(ident, group, item_id, item_command, item_args)
         # Sets and sends are answered from the journal and folded into SQLite by the fold
         # thread; a batch with anything else is one group commit on the loop.
-        if self._waiting_on:
-            # A connection with slices still waiting is served in order: its new requests
-            # queue behind them (a write must not overtake an earlier delete, say).
-            behind = [w for w in store_work if self._waiting_on.get(w[0])]
-            if behind:
-                store_work = [w for w in store_work if not self._waiting_on.get(w[0])]
-                self._defer(behind, groups_tokens)
-        journaled = (self._folder is not None and bool(store_work)
+        store_work = self.batches.after_waiting(store_work, groups_tokens)
+        journaled = (self.writes is not None and self.writes.running and bool(store_work)
                      and all(w[2] in JOURNALED for w in store_work))
-        if not journaled and len(store_work) > _DEFER_OVER:
+        if not journaled and len(store_work) > DEFER_OVER:
             # Many reads (or mixed writes) at once, e.g. one batch frame of hundreds of
             # searches: served a slice at a time, within a time budget per loop turn, so
-            # other clients and the peer port are not held up (see `_serve_deferred`).
-            self._defer(store_work, groups_tokens)
+            # other clients and the peer port are not held up.
+            self.batches.defer(store_work, groups_tokens)
             store_work = []
         if journaled:
-            results = self._run_journaled(store_work)
+            assert self.writes is not None
+            results = self.writes.run(store_work)
         elif store_work:
-            results = self._run_store_batch(store_work)
+            results = self.batches.run(store_work)
         else:
             results = []
         for w, frame in zip(store_work, results):
@@ -393,142 +309,37 @@ class IPCServer:
         if journaled:
             # Once answered, and before the fold thread competes for the interpreter:
             # sends to other daemons go out now, from the journaled records.
-            self.store.journaled(True)
-            self._schedule_flush(len(store_work))
+            assert self.writes is not None
+            self.on_journaled()
+            self.writes.schedule(len(store_work))
         elif store_work:
-            self.streams.publish(self.store.take_events())
-            self.on_commit()            # writes, or journaled ones a read just folded
+            self._served()              # writes, or journaled ones a read just folded
         for ident, req_id, command, args, _ in local_work:
             try:
                 self._run_local(ident, req_id, command, args)
             except Exception:                    # one bad command must not skip the rest
                 log.exception("command %s failed", command)
                 self.counters["internal_errors"] += 1
-        if self._deferred and not self._deferred_scheduled:
-            self._serve_deferred()
+        if self.batches.deferred and not self.batches.scheduled:
+            self.batches.serve_deferred()
 
-    def _defer(self, work: list[Work], tokens: list[int]) -> None:
-        """Queue `work` in slices. A batch item keeps its frame's unique token in place of
-        its group index (the answers of deferred items go out per slice)."""
-        work = [(w[0], w[1], w[2], w[3], None if w[4] is None else tokens[w[4]])
-                for w in work]
-        for w in work:
-            self._waiting_on[w[0]] = self._waiting_on.get(w[0], 0) + 1
-        self._deferred.extend(work[i:i + _SLICE] for i in range(0, len(work), _SLICE))
+    def _served(self) -> None:
+        """Store commands were answered: push their events, tell replication."""
+        self.streams.publish(self.store.take_events())
+        self.on_commit()
 
-    def _serve_deferred(self) -> None:
-        """Serve deferred slices until this turn's time budget is spent, then yield to the
-        loop and go on at the next turn, so other clients are served in between. Past
-        _MAX_DEFERRED slices no new request is read (`_drain` waits): a greedy client
-        meets backpressure in its own socket queue."""
-        self._deferred_scheduled = False
-        deadline = time.monotonic() + self.config.ipc_turn_budget
-        while self._deferred:
-            work = self._deferred.popleft()
-            for w in work:
-                n = self._waiting_on.get(w[0], 0) - 1
-                if n > 0:
-                    self._waiting_on[w[0]] = n
-                else:
-                    self._waiting_on.pop(w[0], None)
-            refused = [w for w in work if self._over_budget(w)]
-            run = [w for w in work if not self._over_budget(w)]
-            results = self._run_store_batch(run) if run else []
-            answers = list(zip(run, results)) + [
-                (w, encode_error(w[1], "too_large", f"the answers to this batch passed "
-                                 f"{_BATCH_REPLY_BYTES >> 20} MiB; send fewer reads per "
-                                 f"batch, or page them (limit/offset)")) for w in refused]
-            self.counters["rejected.batch_reply_bytes"] += len(refused)
-            grouped: dict[bytes, list[bytes]] = {}
-            for w, frame in answers:
-                if w[4] is None:
-                    self._send(w[0], frame)
-                    continue
-                key = (w[0], w[4])
-                self._reply_bytes[key] = self._reply_bytes.get(key, 0) + len(frame)
-                grouped.setdefault(w[0], []).append(frame)
-            for ident, frames in grouped.items():      # (a batch's answers may come in
-                for out in encode_batch_replies(frames, self.config.max_frame_bytes):
-                    self._send(ident, out)             # several frames)
-            self.streams.publish(self.store.take_events())
+    def _folded(self, changed: bool) -> None:
+        """Journaled writes reached SQLite (`meshd.ipc.writes`)."""
+        self.streams.publish(self.store.take_events())
+        if changed:
             self.on_commit()
-            if time.monotonic() >= deadline:
-                break
-        if self._deferred:
-            self.counters["turns_deferred"] += 1
-            assert self._loop is not None
-            self._deferred_scheduled = True
-            self._loop.call_soon(self._serve_deferred)
-        else:
-            self._reply_bytes.clear()
-        self._recheck()                                 # requests that waited meanwhile
-
-    def _over_budget(self, w: Work) -> bool:
-        """A read of a batch frame whose answers already passed _BATCH_REPLY_BYTES is not
-        run (answered too_large): a batch of hundreds of big reads must not make the daemon
-        hold hundreds of megabytes for one client. Writes always run and get their answer."""
-        return (w[4] is not None and w[2] in commands.READ_ONLY
-                and self._reply_bytes.get((w[0], w[4]), 0) > _BATCH_REPLY_BYTES)
+        self._recheck()
 
     def _reject(self, replies: list[tuple[bytes, bytes]], ident: bytes | None, req_id: int | None,
                 code: str, message: str) -> None:
         self.counters[f"rejected.{code}"] += 1
         if ident is not None:
             replies.append((ident, encode_error(req_id, code, message)))
-
-    def _run_journaled(self, work: list[Work]) -> list[bytes]:
-        """A small batch of memory sets and sends: one journal append, then the answers.
-        The writes reach SQLite moments later (`_flush`), and before any read or other
-        write; a send whose recipient is unknown is refused before it is logged."""
-        assert self.store.journal is not None
-        records: list[Any] = []
-        out: list[bytes] = []
-        for _, req_id, command, args, _ in work:
-            try:
-                records.append(self.store.log_write(command, args))
-            except MeshError as exc:
-                self.counters[f"error.{exc.code}"] += 1
-                out.append(encode_error(req_id, exc.code, str(exc)))
-                continue
-            key = "message" if command == "message.send" else "entry"
-            answer = {f"{key}_id": args[key][f"{key}_id"]}
-            out.append(encode_reply(req_id, OK, answer))
-            self.counters[f"ok.{command}"] += 1
-        try:
-            self.store.journal.append(records)
-        except BaseException as exc:
-            self.store.journaled(False)      # their routed items must not go out now
-            if not isinstance(exc, OSError):
-                raise
-            if records:
-                del self.store.pending[-len(records):]
-            log.error("journal append failed, %d write(s) not applied: %s", len(records), exc)
-            self.counters["error.store_error"] += len(work)
-            return [encode_error(w[1], "store_error", f"journal write failed: {exc}")
-                    for w in work]
-        return out
-
-    def _schedule_flush(self, new: int) -> None:
-        """Hand journaled writes to the fold thread: at once when enough are queued or a
-        message must be folded before it can be routed, else after a short delay (so one
-        lone write does not wake the thread; sends routed from the journal do not wait
-        for their fold); fold in place when the thread falls far behind (backpressure)
-        or a local subscriber waits for one of the `new` records just logged."""
-        assert self._loop is not None
-        pending = self.store.pending
-        sends = [r[1] for r in pending[-new:] if r[0] == "message.send"] if new else []
-        if len(pending) >= self.config.journal_flush_max:
-            self._flush()
-        elif sends and self._pushes_locally(sends):
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-            self._flush_timer = self._loop.call_soon(self._flush)  # type: ignore[assignment]
-        elif len(pending) >= self.config.journal_handoff or (
-                self.peers is not None and any("_routes" not in a for a in sends)):
-            self._hand_off()        # (routed only once folded: no delay for it)
-        elif self._flush_timer is None:
-            self._flush_timer = self._loop.call_later(self.config.journal_flush_delay,
-                                                      self._timer)
 
     def _pushes_locally(self, sends: list[dict[str, Any]]) -> bool:
         """Whether a live subscription here may want one of these messages now: a
@@ -543,136 +354,26 @@ class IPCServer:
         return any(a["message"]["to_session"] is None or a["message"]["to_session"] in subs
                    for a in sends)
 
-    def _hand_off(self) -> None:
-        if self._folder is not None and self.store.hand_off():
-            self._folder.kick()
-
-    def _timer(self) -> None:
-        self._flush_timer = None
-        self._hand_off()
-
-    def _folded(self, error: BaseException | None) -> None:
-        """On the loop, after the fold thread committed a batch (or failed to)."""
-        if error is not None:
-            log.error("folding journaled writes into the store failed (kept, retried): %s",
-                      error)
-            self.counters["fold_errors"] += 1
-            if self._loop is not None and self._folder is not None:
-                self._loop.call_later(1.0, self._folder.kick)
-            return
-        self.store.finish_hand_off()
-        self.streams.publish(self.store.take_events())
-        self.on_commit()
-        if self.store.pending and self._flush_timer is None:
-            self._hand_off()
-        self._recheck()
-
-    def _flush(self) -> None:
-        """Fold everything queued now, on the loop."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-        self._flush_timer = None
-        try:
-            if self.store.flush():
-                self.on_commit()
-            self.streams.publish(self.store.take_events())
-            self._recheck()
-        except MeshError as exc:            # stays queued (and journaled); retried later
-            log.error("folding journaled writes into the store failed: %s", exc)
-            if self._loop is not None:
-                self._flush_timer = self._loop.call_later(1.0, self._flush)
-
-    def _run_store_batch(self, work: list[Work]) -> list[bytes]:
-        """Apply a batch in one transaction; replies are valid only once it has committed.
-
-        Most batches have no failing request, so the batch first runs without per-request
-        savepoints; if any request fails, the whole transaction is rolled back and the
-        batch runs again with a savepoint around each request, so that only the failing
-        ones are undone.
-        """
-        read_only = all(w[2] in commands.READ_ONLY for w in work)
-        if not read_only and len(work) > 1:
-            try:
-                return self._apply(work, read_only, isolate=False)
-            except _BatchFailed:
-                self.counters["batch_retries"] += 1
-        return self._apply(work, read_only, isolate=True)
-
-    def _apply(self, work: list[Work], read_only: bool, isolate: bool) -> list[bytes]:
-        """One frame per request of `work`, in its order."""
-        out: list[bytes] = []
-        ok: Counter[str] = Counter()
-        hosts = HostStates(self.store.node_id, self.peers)
-        try:
-            # A lone read is one statement: SQLite's implicit transaction is enough
-            # (after folding in journaled sets, so it reads them).
-            if read_only and len(work) == 1:
-                self.store.fold_for_read()
-            # (It still holds the store's lock: the fold thread shares the connection.)
-            tx = (self.store.lock if read_only and len(work) == 1
-                  else self.store.read() if read_only else self.store.write())
-            with tx:
-                for _, req_id, command, args, _ in work:
-                    try:
-                        if isolate and not read_only and len(work) > 1:
-                            with self.store.savepoint():
-                                result = commands.run(self.store, command, args)
-                        else:
-                            result = commands.run(self.store, command, args)
-                        result = hosts.mark(command, result)
-                    except MeshError as exc:
-                        if not isolate:
-                            raise _BatchFailed() from exc
-                        self.counters[f"error.{exc.code}"] += 1
-                        out.append(encode_error(req_id, exc.code, str(exc)))
-                        continue
-                    except Exception as exc:   # a bug in one command must not fail the batch
-                        if not isolate:
-                            raise _BatchFailed() from exc
-                        log.exception("command %s failed", command)
-                        self.counters["internal_errors"] += 1
-                        out.append(encode_error(req_id, "internal",
-                                                f"{type(exc).__name__}: {exc}"))
-                        continue
-                    out.append(encode_reply(req_id, OK, result))
-                    ok[command] += 1
-        except StoreError as exc:
-            log.error("commit failed, %d request(s) not applied: %s", len(work), exc)
-            self.counters["error.store_error"] += len(work)
-            # (The rollback took back this batch's events; what is left came from the
-            # journaled writes folded first, which did commit: their subscribers wait.)
-            self.streams.publish(self.store.take_events())
-            return [encode_error(w[1], exc.code, str(exc)) for w in work]
-        for command, n in ok.items():
-            self.counters[f"ok.{command}"] += n
-        return out
-
     def _run_local(self, ident: bytes, req_id: int, command: str, args: dict[str, Any]) -> None:
-        """Commands the IPC layer answers itself: streams and node information."""
+        """Commands the IPC layer answers itself: streams, node information, mesh control."""
         try:
-            if command == "stream.subscribe":
-                result = self.streams.subscribe(ident, req_id, args)
-                self._send(ident, encode_reply(req_id, OK, result))
-                sub = self.streams.subs.get(result["sub"])
-                if sub is not None:             # gone if the client vanished before the reply
-                    self.streams.pump(sub)
-                return
-            if command == "stream.ack":
-                result = self.streams.ack(ident, args)
-            elif command == "stream.close":
-                result = self.streams.close(ident, args)
-            elif command == "node.info":
-                result = self.node_info()
-            elif command == "mesh.peers":
-                result = self.peers() if self.peers is not None else []
-            elif command.startswith("mesh.") and self.control is not None:
-                result = self.control(command, args)
-            else:                                   # validate_args knows it, we do not
+            handler = self._local.get(command)
+            if handler is None:                     # validate_args knows it, we do not
                 raise MeshError(f"command {command!r} is not served here")
-            self._send(ident, encode_reply(req_id, OK, result))
+            result = handler(ident, req_id, args)
+            if command != "stream.subscribe":       # (it answers before it pushes)
+                self._send(ident, encode_reply(req_id, OK, result))
         except MeshError as exc:
             self.counters[f"error.{exc.code}"] += 1
             self._send(ident, encode_error(req_id, exc.code, str(exc)))
+
+    def _subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> Any:
+        result = self.streams.subscribe(ident, req_id, args)
+        self._send(ident, encode_reply(req_id, OK, result))
+        sub = self.streams.subs.get(result["sub"])
+        if sub is not None:             # gone if the client vanished before the reply
+            self.streams.pump(sub)
+        return result
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -695,11 +396,10 @@ class IPCServer:
         return False
 
     def stats(self) -> dict[str, Any]:
-        folder = self._folder
+        writes = self.writes.stats() if self.writes is not None else {
+            "folded": 0, "checkpoints": 0, "unfolded": 0}
         return {"counters": dict(self.counters), "subscriptions": len(self.streams.subs),
-                "folded": folder.folded if folder else 0,
-                "checkpoints": folder.checkpoints if folder else 0,
-                "unfolded": len(self.store.pending) + len(self.store.folding or ()),
+                **writes,
                 "pushed": self.streams.pushed,
                 "dropped_subscriptions": self.streams.dropped_subscriptions,
                 "streams": {"unacked_bytes": self.streams.inflight_bytes,

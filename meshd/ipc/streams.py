@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from meshd.errors import InvalidArgument, NotFound, TooLarge
-from meshd.state import messages
+from meshd.state import mail
 from meshd.state.store import Store
 from meshd.wire.ipc import EVENT, encode_reply
 
@@ -95,7 +95,7 @@ class Streams:
             raise TooLarge(f"this connection has {self.limits.per_client} streams open "
                            f"already; close one first")
         with self.store.lock:
-            head = messages.head(self.store, session_id)
+            head = mail.head(self.store, session_id)
         start = head if args["cursor"] is None else args["cursor"]
         if start > head:
             raise InvalidArgument(f"cursor {start} is ahead of the stream head {head}")
@@ -232,11 +232,11 @@ class Streams:
             if sub.sent >= self.heads.get(sub.session_id, 0):
                 return                           # nothing committed beyond it yet
             with self.store.lock:
-                rows = messages.after(self.store, sub.session_id, sub.sent, room, sorted(sub.types))
+                rows = mail.after(self.store, sub.session_id, sub.sent, room, sorted(sub.types))
             if not rows:
                 if sub.types:                   # skip past filtered-out events
                     with self.store.lock:
-                        head = messages.head(self.store, sub.session_id)
+                        head = mail.head(self.store, sub.session_id)
                     sub.sent = max(sub.sent, head)
                 return
             for seq, message in rows:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 from meshd.config import Config
 from meshd.errors import MeshError
-from meshd.wire.peer import FrameType, decode, encode, frame_limit
+from meshd.mesh.transport import hand_frame
+from meshd.wire.peer import FrameType, encode, frame_limit
 
 #: (type, sender node id, sender's reply address, validated body), as the real transport.
 Handler = Callable[[FrameType, str, str, dict[str, Any]], None]
@@ -230,33 +231,10 @@ class FakeTransport:
         """Hand one frame to the node, as the real transport's drain does: undecodable
         frames and frames from itself are dropped and counted; a handler's failure costs
         that frame only."""
-        self.counters["frames_in"] += 1
-        if isinstance(payload, tuple):
-            ftype, sender, reply_to, body = payload
-        else:
+        if not isinstance(payload, tuple):
             self.counters["bytes_in"] += len(payload)
-            try:
-                ftype, sender, reply_to, body = decode(payload, self._limit)
-            except MeshError as exc:
-                self._drop(exc.code)
-                return
-            except Exception:                      # a checker's bug costs one frame only
-                self._drop("decode_error")
-                return
-        if sender == self.node_id:
-            self._drop("from_self")
-            return
-        try:
-            self.handler(ftype, sender, reply_to, body)
-        except Exception as exc:                   # kept for the test to see
-            self._drop("handler_error")
-            self.net.errors.append(exc)
-            return
-        self.counters["frames_handled"] += 1
-
-    def _drop(self, reason: str) -> None:
-        self.counters[f"dropped.{reason}"] += 1
-        self.counters["frames_dropped"] += 1
+        hand_frame(payload, self._limit, self.node_id, self.handler, self.counters,
+                   lambda exc, _t, _s: self.net.errors.append(exc))   # (for the test to see)
 
     # --- lifecycle and faults ----------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable
 
 from meshd.config import Config
 from meshd.mesh.admission import Admission
+from meshd.mesh.periodic import Periodic
 from meshd.mesh.transport import Transport
 from meshd.wire.peer import MAX_INCARNATION, MAX_UPDATES, FrameType, MemberState
 
@@ -121,7 +122,10 @@ class Membership:
         self._relays: dict[int, tuple[str, int, float]] = {}   # seq -> (requester, their seq, expiry)
         self._order: list[str] = []           # probe order, reshuffled every round
         self._cursor = 0
-        self._probe_task: asyncio.Task[None] | None = None
+        # A probe round every probe_interval, measured from the start of the round: a
+        # probe that waits for its ACK does not stretch the protocol period.
+        self._probing = Periodic(self._round, config.probe_interval, what="probe round",
+                                 first=0.0, fixed_rate=True)
 
     # --- the table ---------------------------------------------------------------------------
 
@@ -258,6 +262,24 @@ class Membership:
         if m is not None:
             m.last_contact = self.clock()
 
+    def note_digest(self, node_id: str, digest: dict[str, int]) -> Member | None:
+        """What a member says it holds (its SYNC's version vector), kept with it for
+        replication's garbage collection and `sessions peers`; the member, if it is one."""
+        m = self.members.get(node_id)
+        if m is not None:
+            m.digest, m.digest_at = digest, self.clock()
+        return m
+
+    def preload(self, members: Iterable[Member], shuffle: Callable[[list[str]], None]) -> None:
+        """Fill the table as joining and admission would have, with nothing to gossip
+        (simulations of a cluster formed long ago: through `_admit`, each admission
+        re-pins the whole table, O(N^3) in all for N nodes)."""
+        for m in members:
+            self.members[m.node_id] = m
+        self._order = list(self.members)
+        shuffle(self._order)
+        self._pin()
+
     # --- frames ------------------------------------------------------------------------------
 
     def handle(self, ftype: FrameType, sender: str, reply_to: str, body: dict[str, Any]) -> None:
@@ -301,16 +323,10 @@ class Membership:
     # --- probing -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+        self._probing.start()
 
     async def stop(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            try:
-                await self._probe_task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._probe_task = None
+        await self._probing.stop()
         for fut in self._acks.values():
             if not fut.done():
                 fut.cancel()
@@ -329,20 +345,12 @@ class Membership:
                 return m
         return None
 
-    async def _probe_loop(self) -> None:
-        interval = self.config.probe_interval
-        while True:
-            started = self.clock()
-            try:
-                self._tick()
-                target = self._next_target()
-                if target is not None:
-                    await self._probe(target)
-            except asyncio.CancelledError:
-                raise
-            except Exception:                       # pragma: no cover - keep probing
-                log.exception("probe round failed")
-            await asyncio.sleep(max(0.0, interval - (self.clock() - started)))
+    async def _round(self) -> None:
+        """One protocol period: timeouts first, then a probe of the next member."""
+        self._tick()
+        target = self._next_target()
+        if target is not None:
+            await self._probe(target)
 
     async def _probe(self, target: Member) -> None:
         cfg = self.config

@@ -41,14 +41,16 @@ import logging
 import random
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.mesh.membership import Member, Membership
+from meshd.mesh.periodic import Periodic, stop_all
 from meshd.mesh.transport import Transport
 from meshd.state import replication
 from meshd.state.hlc import MAX_DRIFT_MS, physical_ms, stamp_at
+from meshd.state.outbox import Outbox
 from meshd.state.store import Store
 from meshd.wire.peer import FrameType, encode, frame_limit
 from meshd.wire.records import record as validate_record
@@ -58,15 +60,24 @@ log = logging.getLogger("meshd.mesh")
 
 class Replicator:
     def __init__(self, config: Config, store: Store, membership: Membership,
-                 transport: Transport) -> None:
+                 transport: Transport, clock: Callable[[], float] = time.monotonic,
+                 outbox: Outbox | None = None) -> None:
         self.config = config
         self.store = store
+        # Where merged sessions' waiting or unread mail goes (the daemon's, which routes).
+        self.outbox = outbox if outbox is not None else Outbox(store)
         self.membership = membership
         self.transport = transport
+        self.clock = clock              # the loop's clock (a virtual one in simulations)
         self.counters: Counter[str] = Counter()
         self.pushed = 0                 # our own version through which we pushed
         self._push_scheduled = False
-        self._tasks: list[asyncio.Task[None]] = []
+        # One anti-entropy round every sync_interval ±25 % (nodes started together do
+        # not sync in step), and tombstone collection.
+        self._syncing = Periodic(self._sync_round, config.sync_interval,
+                                 what="anti-entropy round", jitter=0.25)
+        self._collecting = Periodic(self.collect_tombstones, config.tombstone_gc_interval,
+                                    what="tombstone collection")
         # origin -> (peer being pulled from, deadline): one pull chain per origin at a
         # time, whichever peer it is from, so a node behind several peers that all hold
         # an origin gets each record once, not once per peer.
@@ -79,18 +90,11 @@ class Replicator:
     def start(self) -> None:
         with self.store.read(fold=False):
             self.pushed = replication.known(self.store, self.store.node_id)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._sync_loop()), loop.create_task(self._gc_loop())]
+        self._syncing.start()
+        self._collecting.start()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks = []
+        await stop_all(self._syncing, self._collecting)
 
     # --- push -------------------------------------------------------------------------------
 
@@ -144,15 +148,11 @@ class Replicator:
 
     # --- anti-entropy -------------------------------------------------------------------------
 
-    async def _sync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sync_interval * random.uniform(0.75, 1.25))
-            try:
-                now = time.monotonic()
-                self._pulling = {o: p for o, p in self._pulling.items() if p[1] > now}
-                self.sync_with_random()
-            except Exception:                        # pragma: no cover - keep syncing
-                log.exception("anti-entropy round failed")
+    def _sync_round(self) -> None:
+        """Pull chains that stopped answering expire; one SYNC to a random member."""
+        now = self.clock()
+        self._pulling = {o: p for o, p in self._pulling.items() if p[1] > now}
+        self.sync_with_random()
 
     def sync_with_random(self) -> None:
         up = self.membership.alive()
@@ -168,10 +168,8 @@ class Replicator:
 
     def on_sync(self, sender: str, reply_to: str, body: dict[str, Any]) -> None:
         self.membership.apply(body["members"], sender)
-        m = self.membership.members.get(sender)
         theirs = body["digest"]
-        if m is not None:
-            m.digest, m.digest_at = theirs, time.monotonic()
+        m = self.membership.note_digest(sender, theirs)
         with self.store.read(fold=False):
             mine = replication.digest(self.store)
         if m is not None and m.up and sender in mine and sender in theirs:
@@ -189,7 +187,7 @@ class Replicator:
         """`m` says its own counter is `counter` and we believe we hold it through
         `known`: more than it ever made is forged knowledge, unless a frame from it was
         merely overtaken (so it must still fall short a sync round later)."""
-        origin, now = m.node_id, time.monotonic()
+        origin, now = m.node_id, self.clock()
         if counter >= known:
             self._confirmed[origin] = known
             self._doubts.pop(origin, None)
@@ -235,7 +233,7 @@ class Replicator:
         if not self.transport.pinned(address):
             self.counters["pulls_not_member"] += 1
             return
-        now = time.monotonic()
+        now = self.clock()
         busy = self._pulling.get(origin)
         if not force and busy is not None and busy[1] > now:
             self.counters["pulls_deferred"] += 1
@@ -323,7 +321,7 @@ class Replicator:
         try:
             with self.store.write():
                 known_before = replication.known(self.store, origin)
-                changed = replication.apply(self.store, origin, after, through, good)
+                changed = replication.apply(self.store, self.outbox, origin, after, through, good)
                 known_after = replication.known(self.store, origin)
         except MeshError as exc:
             log.warning("merging records from %s failed: %s", sender[:12], exc)
@@ -341,14 +339,6 @@ class Replicator:
             self._pull(reply_to, origin, known_after, force=True)     # next chunk
 
     # --- deletions GC ------------------------------------------------------------------------
-
-    async def _gc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.tombstone_gc_interval)
-            try:
-                self.collect_tombstones()
-            except Exception:                        # pragma: no cover
-                log.exception("tombstone collection failed")
 
     def collect_tombstones(self) -> int:
         """Drop deletion records and session tombstones every member holds; returns how

@@ -2,11 +2,11 @@
 
 A message for a session hosted elsewhere (or a broadcast, once per other daemon that hosts
 sessions) gets its place in the sender daemon's outbox (a seq per destination and lane,
-`messages.plan`) when it is journaled, before the sender is answered; the fold queues it
+`Outbox.plan`) when it is journaled, before the sender is answered; the fold queues it
 in SQLite under that seq, in the transaction that stores it. So once the sender is
 answered the message cannot be lost: not on kill -9, not while the destination is down or
 cut off. The router sends it right away, from the journaled record, before the fold:
-items reach the router in memory (`Store.take_routed`), so the hot path never reads them
+items reach the router in memory (`Outbox.take_routed`), so the hot path never reads them
 back from SQLite. Per destination and lane (high priority, normal) frames go out without
 waiting for the previous one's answer, up to a window in flight; every frame says which
 item is the oldest not yet acknowledged (`first`), so a lost frame shows up as a gap at
@@ -30,16 +30,16 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import msgpack
 
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.mesh.membership import Membership
+from meshd.mesh.periodic import Periodic, stop_all
+from meshd.mesh.routequeue import NEVER as _NEVER, RouteQueue
 from meshd.mesh.transport import Transport
-from meshd.state import messages
+from meshd.state.outbox import Outbox
+from meshd.state.pipeline import WritePipeline
 from meshd.state.store import Store
 from meshd.wire.peer import FrameType, encode
 
@@ -50,102 +50,49 @@ log = logging.getLogger("meshd.mesh")
 WINDOW_FRAMES = 32
 #: Items sent and not yet acknowledged per destination and lane, at most.
 WINDOW_ITEMS = 4096
-#: Committed items kept in memory per destination and lane for sending, at most, in
-#: count and in bytes (message bodies may be up to a frame); beyond this, or while the
-#: destination is down, they are read back from the outbox when their turn comes.
-CACHE_ITEMS = 8192
-CACHE_BYTES = 16 * 1024 * 1024
 #: s acknowledgements may wait for a fold that sends bring anyway; then they are folded
 #: in by themselves. (Reads fold them first, so nothing reads stale receipts meanwhile.)
 ACK_FOLD_DELAY = 0.05
 
-_NEVER = float("inf")
-
-
-@dataclass(slots=True)
-class _Queue:
-    """What the router knows of one (destination, lane) outbox queue."""
-
-    first: int           # oldest seq not known to be acknowledged: frames carry it
-    sent: int            # highest seq sent since the run (re)started
-    last: int            # highest seq known committed
-    backoff: float
-    resend_at: float = _NEVER    # no progress by then: send again from the outbox
-    frames: int = 0              # frames sent whose answer is awaited (approximately)
-    gap_resent: bool = False     # a gap answer already caused a resend, no progress since
-    cache: dict[int, list[Any]] = field(default_factory=dict)   # seq -> committed item
-    cache_bytes: int = 0         # about what `cache` holds (see `_item_bytes`)
-    sizes: dict[int, int] = field(default_factory=dict)         # seq -> its _item_bytes
-
-    def cache_put(self, seq: int, item: list[Any]) -> None:
-        size = _item_bytes(item)
-        if len(self.cache) < CACHE_ITEMS and self.cache_bytes + size <= CACHE_BYTES:
-            self.cache[seq] = item
-            self.sizes[seq] = size
-            self.cache_bytes += size
-
-    def cache_drop_through(self, through: int) -> None:
-        """Forget the cached items up to `through` (acknowledged)."""
-        cache = self.cache
-        if not cache:
-            return
-        if through - self.first < 2 * len(cache) + 64:
-            seqs: Any = range(self.first, through + 1)
-        else:
-            seqs = [s for s in cache if s <= through]
-        for seq in seqs:
-            if cache.pop(seq, None) is not None:
-                self.cache_bytes -= self.sizes.pop(seq)
-
-
-def _item_bytes(item: list[Any]) -> int:
-    """At least how much memory a routed item holds: its message's text (4 bytes a
-    character unless ASCII) and data, or a receipt."""
-    payload = item[2]
-    if not isinstance(payload, dict):
-        return 128
-    size = 512
-    for key in ("body", "subject"):
-        text = payload.get(key) or ""
-        size += len(text) if text.isascii() else 4 * len(text)
-    data = payload.get("data")
-    if data:
-        size += len(msgpack.packb(data, use_bin_type=True))
-    return size
 
 
 class Router:
-    def __init__(self, config: Config, store: Store, membership: Membership,
-                 transport: Transport) -> None:
+    """Sends this daemon's outbox and applies what other daemons route to it. Acks go
+    through the write pipeline when there is one (folded after the writes they cover);
+    `on_delivered` is told when routed messages landed in local inboxes (live streams
+    push them)."""
+
+    def __init__(self, config: Config, store: Store, outbox: Outbox, membership: Membership,
+                 transport: Transport, pipeline: WritePipeline | None = None,
+                 on_delivered: Callable[[], None] | None = None) -> None:
         self.config = config
         self.store = store
+        self.outbox = outbox
+        self.pipeline = pipeline
         self.membership = membership
         self.transport = transport
         self.counters: Counter[str] = Counter()
-        #: Told when routed messages landed in local inboxes (live streams push them).
-        self.on_delivered: Callable[[], None] = lambda: None
-        self._queues: dict[tuple[str, int], _Queue] = {}
+        self.on_delivered = on_delivered or (lambda: None)
+        self._queues: dict[tuple[str, int], RouteQueue] = {}
         self._scheduled = False
         self._full_scheduled = False
         self._acks: dict[tuple[str, int], int] = {}       # acknowledged, not yet recorded
         self._acks_scheduled = False
         self._ack_timer: asyncio.TimerHandle | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        store.enable_routing(self._send_new)   # journaled sends come to us at once
+        self._running = False
+        # A full round every route_tick (resends, queues not known yet), and expiry.
+        self._rounds = Periodic(self.pump, config.route_tick, what="routing round")
+        self._expiring = Periodic(self._expire_round, config.outbox_check_interval,
+                                  what="outbox expiry")
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._tick_loop()), loop.create_task(self._expiry_loop())]
+        self._running = True
+        self._rounds.start()
+        self._expiring.start()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks = []
+        self._running = False
+        await stop_all(self._rounds, self._expiring)
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -176,14 +123,6 @@ class Router:
                 q.backoff, q.gap_resent = self.config.route_retry, False
         self._schedule_full()
 
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.route_tick)
-            try:
-                self.pump()
-            except Exception:                        # pragma: no cover - keep routing
-                log.exception("routing round failed")
-
     def _take_committed(self) -> set[tuple[str, int]]:
         """Move the items queued since last time (journaled or committed) into the
         queues' caches; the keys that got new items. A queue not known yet starts at its
@@ -191,16 +130,16 @@ class Router:
         started came through here, in seq order)."""
         touched: set[tuple[str, int]] = set()
         members = self.membership.members
-        for dest, lane, item in sorted(self.store.take_routed(),
+        for dest, lane, item in sorted(self.outbox.take_routed(),
                                        key=lambda r: (r[0], r[1], r[2][0])):
             key = (dest, lane)
             seq = item[0]
             q = self._queues.get(key)
             if q is None:
                 with self.store.read(fold=False):
-                    oldest = messages.outbox_first(self.store, dest, lane)
+                    oldest = self.outbox.first(dest, lane)
                 first = seq if oldest is None else min(oldest, seq)
-                q = self._queues[key] = _Queue(first, first - 1, seq, self.config.route_retry)
+                q = self._queues[key] = RouteQueue(first, first - 1, seq, self.config.route_retry)
             if seq > q.last:
                 q.last = seq
             m = members.get(dest)
@@ -211,9 +150,9 @@ class Router:
 
     def _fast_pump(self) -> None:
         self._scheduled = False
-        self._send_new()
+        self.send_new()
 
-    def _send_new(self) -> None:
+    def send_new(self) -> None:
         """After a commit, an ack, or sends just journaled: send what is new, from memory,
         to queues in order (high-priority lanes first)."""
         for key in sorted(self._take_committed(), key=lambda k: k[1]):
@@ -229,7 +168,7 @@ class Router:
         self._take_committed()
         now = time.monotonic()
         with self.store.read(fold=False):
-            queues = messages.outbox_destinations(self.store)
+            queues = self.outbox.destinations()
         for dest, lane, _count, first, last, _oldest in queues:
             m = self.membership.members.get(dest)
             if m is None or not m.up:
@@ -237,7 +176,7 @@ class Router:
             key = (dest, lane)
             q = self._queues.get(key)
             if q is None:
-                q = self._queues[key] = _Queue(first, first - 1, last, self.config.route_retry)
+                q = self._queues[key] = RouteQueue(first, first - 1, last, self.config.route_retry)
             elif now >= q.resend_at:
                 self.counters["resends"] += 1
                 q.backoff = min(q.backoff * 2, self.config.route_retry_max)
@@ -248,7 +187,7 @@ class Router:
                 q.sent = max(q.sent, first - 1)
             self._send_more(key, q, m.address)
 
-    def _send_more(self, key: tuple[str, int], q: _Queue, address: str) -> None:
+    def _send_more(self, key: tuple[str, int], q: RouteQueue, address: str) -> None:
         """Send the committed items above `q.sent`, a frame at a time, within the window."""
         dest, lane = key
         while (q.sent < q.last and q.frames < WINDOW_FRAMES
@@ -268,7 +207,7 @@ class Router:
             if q.resend_at == _NEVER:
                 q.resend_at = time.monotonic() + q.backoff
 
-    def _next_items(self, dest: str, lane: int, q: _Queue) -> list[list[Any]]:
+    def _next_items(self, dest: str, lane: int, q: RouteQueue) -> list[list[Any]]:
         """Up to `route_batch` items above `q.sent`: from the cache while it has them in
         sequence, else from the outbox (committed items only)."""
         limit = self.config.route_batch
@@ -284,7 +223,7 @@ class Router:
         if items:
             return items
         with self.store.read(fold=False):
-            return messages.outbox_items(self.store, dest, lane, q.sent, limit)
+            return self.outbox.items(dest, lane, q.sent, limit)
 
     def _frame(self, dest: str, lane: int, first: int, items: list[list[Any]]
                ) -> tuple[bytes | None, list[list[Any]]]:
@@ -339,9 +278,8 @@ class Router:
         self._acks_scheduled = False
         acks, self._acks = self._acks, {}
         try:
-            deferred = self.store.ack_routed([(dest, lane, through)
-                                              for (dest, lane), through in acks.items()])
-            if deferred and self._ack_timer is None and self._tasks:
+            deferred = self._ack([(dest, lane, through) for (dest, lane), through in acks.items()])
+            if deferred and self._ack_timer is None and self._running:
                 self._ack_timer = asyncio.get_running_loop().call_later(ACK_FOLD_DELAY,
                                                                         self._fold_acks)
         except MeshError as exc:
@@ -349,19 +287,30 @@ class Router:
             for key, through in acks.items():
                 if through > self._acks.get(key, 0):
                     self._acks[key] = through
-            if self._tasks and not self._acks_scheduled:
+            if self._running and not self._acks_scheduled:
                 self._acks_scheduled = True
                 asyncio.get_running_loop().call_later(self.config.route_retry,
                                                       self._record_acks)
             return
 
+    def _ack(self, acks: list[tuple[str, int, int]]) -> bool:
+        """Delete acknowledged items: with the next fold of the write pipeline (True: the
+        caller makes sure one comes), else now."""
+        if self.pipeline is not None:
+            self.pipeline.ack(acks)
+            return True
+        with self.store.write(keeps_routes=True):
+            n = sum(self.outbox.acked(dest, lane, through) for dest, lane, through in acks)
+        self.outbox.acked_items += n
+        return False
+
     def _fold_acks(self) -> None:
         """Acks still wait for a fold (no send brought one): fold them in now."""
         self._ack_timer = None
-        if not self.store.acks_pending():
+        if self.pipeline is None or not self.pipeline.acks_pending:
             return
         try:
-            self.store.flush()
+            self.pipeline.flush()
         except MeshError as exc:
             log.warning("recording acknowledgements failed (retried): %s", exc)
             self._ack_timer = asyncio.get_running_loop().call_later(self.config.route_retry,
@@ -378,8 +327,7 @@ class Router:
             return
         try:
             with self.store.write(keeps_routes=True):       # (changes no session)
-                through, unknown = messages.deliver_routed(self.store, sender, lane, first,
-                                                           items)
+                through, unknown = self.outbox.deliver(sender, lane, first, items)
         except MeshError as exc:
             log.warning("storing messages routed from %s failed: %s", sender[:12], exc)
             self.counters["route_errors"] += 1
@@ -395,21 +343,19 @@ class Router:
 
     # --- expiry -------------------------------------------------------------------------------
 
-    async def _expiry_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.outbox_check_interval)
-            try:
-                self.expire()
-            except MeshError as exc:
-                log.warning("outbox expiry failed: %s", exc)
+    def _expire_round(self) -> None:
+        try:
+            self.expire()
+        except MeshError as exc:
+            log.warning("outbox expiry failed: %s", exc)
 
     def expire(self) -> int:
         # (The write folds every journaled send first: forgetting a queue below forgets
         # nothing that is not in the outbox.)
         with self.store.write(keeps_routes=True):
-            gone = messages.expire_outbox(self.store, int(self.config.outbox_max_age * 1000),
-                                          self.config.outbox_max)
-            unclaimed = messages.expire_waiting(self.store, int(self.config.outbox_max_age * 1000))
+            gone = self.outbox.expire(int(self.config.outbox_max_age * 1000),
+                                      self.config.outbox_max)
+            unclaimed = self.outbox.expire_waiting(int(self.config.outbox_max_age * 1000))
         for mid, to in unclaimed:
             self.counters["expired_waiting"] += 1
             log.warning("message %s to %s expired: no session with that id registered "
@@ -421,8 +367,8 @@ class Router:
         """Everything queued for `node_id` expires now (it was force-left: the operator
         says it will not come back); senders see "expired" at once. How many items."""
         with self.store.write(keeps_routes=True):
-            gone = messages.expire_outbox(self.store, int(self.config.outbox_max_age * 1000),
-                                          self.config.outbox_max, only=node_id)
+            gone = self.outbox.expire(int(self.config.outbox_max_age * 1000),
+                                      self.config.outbox_max, only=node_id)
         self._report_expired(gone)
         return len(gone)
 
@@ -443,8 +389,8 @@ class Router:
 
     def stats(self) -> dict[str, Any]:
         with self.store.read(fold=False):
-            queues = messages.outbox_destinations(self.store)
-        return {"counters": {**self.counters, "acked_items": self.store.route_acked},
+            queues = self.outbox.destinations()
+        return {"counters": {**self.counters, "acked_items": self.outbox.acked_items},
                 "cached_bytes": sum(q.cache_bytes for q in self._queues.values()),
                 "outbox": [{"node": d, "lane": "high" if lane == 0 else "normal",
                             "items": n} for d, lane, n, *_ in queues]}

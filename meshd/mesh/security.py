@@ -29,6 +29,7 @@ import zmq
 from zmq.utils import z85
 
 from meshd.errors import InvalidArgument, MeshError
+from meshd.mesh.drain import SocketDrain
 
 log = logging.getLogger("meshd.mesh")
 
@@ -118,10 +119,10 @@ class Authenticator:
         self.counters: Counter[str] = Counter()
         self._ctx = ctx
         self._sock: zmq.Socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._allowed = key.public_raw
         self._last_denied_log = 0.0
         self._monitor: zmq.Socket | None = None
+        self._drains: list[SocketDrain] = []
 
     def start(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -132,59 +133,36 @@ class Authenticator:
             sock.close(0)
             raise MeshError(f"cannot start peer authentication: {exc}") from exc
         self._sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
-        self._loop.call_soon(self._drain)
+        self._drain(sock, self._on_request, "peer authentication")
 
     def watch(self, sock: zmq.Socket) -> None:
         """Count the handshakes that fail on the peer socket: a host with another key (or
         none) never reaches the ZAP handler, its handshake fails before that."""
-        assert self._loop is not None
         self._monitor = sock.get_monitor_socket(_FAILED_EVENTS)
-        self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._drain_monitor)
-        self._loop.call_soon(self._drain_monitor)
+        self._drain(self._monitor, self._on_event, "handshake monitor")
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[bytes]], None], name: str
+               ) -> None:
+        """Handle what `sock` has, a bounded batch per loop turn (see `SocketDrain`)."""
+        drain = SocketDrain(sock, on_message=handle, max_count=256, name=name,
+                            recv_log_level=logging.DEBUG)
+        self._drains.append(drain)
+        drain.start()
 
     def stop(self) -> None:
-        loop_open = self._loop is not None and not self._loop.is_closed()
-        if self._monitor is not None:
-            if loop_open:
-                assert self._loop is not None
-                self._loop.remove_reader(self._monitor.getsockopt(zmq.FD))
-            self._monitor.close(0)
-            self._monitor = None
-        if self._sock is None:
-            return
-        if loop_open:
-            assert self._loop is not None
-            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
-        self._sock.close(0)
-        self._sock = None
+        for drain in self._drains:
+            drain.stop()
+        self._drains.clear()
+        for sock in (self._monitor, self._sock):
+            if sock is not None:
+                sock.close(0)
+        self._monitor = self._sock = None
 
     def _warn(self, what: str) -> None:
         now = asyncio.get_running_loop().time()
         if now - self._last_denied_log > 10.0:    # one line per 10 s, not per attempt
             self._last_denied_log = now
             log.warning("refused a peer connection: %s", what)
-
-    def _drain(self) -> None:
-        self._read(self._sock, self._on_request, self._drain)
-
-    def _drain_monitor(self) -> None:
-        self._read(self._monitor, self._on_event, self._drain_monitor)
-
-    def _read(self, sock: zmq.Socket | None, handle: Callable[[list[bytes]], None],
-              again: Callable[[], None]) -> None:
-        """Handle what `sock` has, a bounded batch per loop turn (its FD is edge-triggered,
-        so a full batch means: come back on the next turn)."""
-        for _ in range(256):
-            if sock is None or sock.closed or not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                return
-            try:
-                handle(sock.recv_multipart(zmq.NOBLOCK))
-            except zmq.ZMQError:
-                return
-        if self._loop is not None:
-            self._loop.call_soon(again)
 
     def _on_request(self, msg: list[bytes]) -> None:
         reply = self._answer(msg)

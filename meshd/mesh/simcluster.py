@@ -1,16 +1,18 @@
-"""SWIM on a fake network: N real `Membership`s on one virtual-time loop.
+"""SWIM (and, optionally, replication) on a fake network: N nodes on one virtual-time loop.
 
-For tests/unit/test_swim_unit.py and bench/sim_membership.py. Each node is the daemon's own
-`Membership` (probes, indirect probes, suspicion, refutation, piggybacked gossip,
-admission) over a `FakeTransport`; only the network and the clock are fakes. Membership
-also relies on a little of what the daemon composes around it, which this harness does
-the same way, for the membership half only (the digest it sends is empty):
+For tests/unit/test_swim_unit.py, tests/unit/test_antientropy_unit.py and
+bench/sim_membership.py. Each node is the daemon's own `Membership` (probes, indirect
+probes, suspicion, refutation, piggybacked gossip, admission) over a `FakeTransport`;
+only the network and the clock are fakes. Membership also relies on a little of what the
+daemon composes around it (`meshd.mesh.node.Mesh`), which this harness does the same way:
 
-- anti-entropy (`Replicator`): every `sync_interval` (±25 %) a SYNC carrying the member
-  table to one random member that is up, answered with ours; and at once to a member that
-  is new or back (`Mesh._on_change`);
-- reconnection (`Mesh._reconnect`): every `reconnect_interval` a SYNC to up to
-  `reconnect_max` members held dead, so a healed partition merges again.
+- anti-entropy: every `sync_interval` (±25 %) a SYNC carrying the member table to one
+  random member that is up, answered with ours; and at once to a member that is new or
+  back (`Mesh._on_change`). Without stores, only the membership half (the digest sent is
+  empty); with `SimCluster(data_dir=...)`, each node has a real `Store` (SQLite) and the
+  daemon's own `Replicator` (push, SYNC digests, pulls in chunks, tombstone collection);
+- reconnection (`meshd.mesh.joining.knock_on_dead`): every `reconnect_interval` a SYNC to
+  up to `reconnect_max` members held dead, so a healed partition merges again.
 
 Must be built on a running loop, normally `meshd.mesh.simclock.VirtualTimeLoop`.
 Membership draws from the global `random`, which `SimCluster(seed=...)` seeds (and
@@ -21,12 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from meshd.config import Config
 from meshd.mesh.fakenet import FakeNetwork
+from meshd.mesh.joining import knock_on_dead
 from meshd.mesh.membership import Member, Membership
+from meshd.mesh.periodic import Periodic, stop_all
+from meshd.mesh.replicator import Replicator
+from meshd.state.store import Store
 from meshd.wire.peer import FrameType, MemberState
 
 _MEMBERSHIP_FRAMES = (FrameType.PING, FrameType.ACK, FrameType.PING_REQ, FrameType.GOSSIP)
@@ -44,17 +52,26 @@ class Change:
 
 
 class SimNode:
-    """One daemon, as far as membership goes."""
+    """One daemon, as far as membership (and, with a `store`, replication) goes."""
 
-    def __init__(self, cluster: "SimCluster", config: Config, node_id: str) -> None:
+    def __init__(self, cluster: "SimCluster", config: Config, node_id: str,
+                 store: Store | None = None, address: str = "") -> None:
         self.cluster = cluster
         self.config = config
-        self.node_id = node_id
-        self.transport = cluster.net.transport(config, node_id, self._on_frame)
-        self.membership = Membership(config, self.transport, node_id, self._on_change,
+        self.store = store
+        self.node_id = store.node_id if store is not None else node_id
+        self.transport = cluster.net.transport(config, self.node_id, self._on_frame, address)
+        self.membership = Membership(config, self.transport, self.node_id, self._on_change,
                                      clock=cluster.loop.time)
+        self.replicator = (None if store is None else Replicator(
+            config, store, self.membership, self.transport, clock=cluster.loop.time))  # type: ignore[arg-type]
         self.running = False
-        self._tasks: list[asyncio.Task[None]] = []
+        rng = cluster.rng
+        self._timers = [] if self.replicator is not None else [   # (it has its own)
+            Periodic(self._sync_round, config.sync_interval, what="anti-entropy round",
+                     jitter=0.25, rng=rng)]
+        self._timers.append(Periodic(self._knock, config.reconnect_interval,
+                                     what="reconnect round"))
 
     @property
     def address(self) -> str:
@@ -65,9 +82,10 @@ class SimNode:
             return
         self.running = True
         self.membership.start()
-        loop = self.cluster.loop
-        self._tasks = [loop.create_task(self._sync_loop()),
-                       loop.create_task(self._reconnect_loop())]
+        if self.replicator is not None:
+            self.replicator.start()
+        for t in self._timers:
+            t.start()
 
     async def stop(self) -> None:
         """Crash: no leave, the transport simply goes silent."""
@@ -83,21 +101,31 @@ class SimNode:
 
     async def _halt(self) -> None:
         self.running = False
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await stop_all(*self._timers)
         await self.membership.stop()
+        if self.replicator is not None:
+            await self.replicator.stop()
 
     def _on_frame(self, ftype: FrameType, sender: str, reply_to: str,
                   body: dict[str, Any]) -> None:
+        """As `Mesh._on_frame`, without the router."""
+        rep = self.replicator
         if ftype == FrameType.SYNC:
-            self.membership.apply(body["members"], sender)
+            if rep is not None:
+                rep.on_sync(sender, reply_to, body)
+            else:
+                self.membership.apply(body["members"], sender)
+                if body["reply"]:
+                    self.send_sync(reply_to, reply=False)
             self.membership.heard_from(sender)
-            if body["reply"]:
-                self.send_sync(reply_to, reply=False)
         elif ftype in _MEMBERSHIP_FRAMES:
             self.membership.handle(ftype, sender, reply_to, body)
+        elif rep is not None and ftype == FrameType.RECORDS:
+            self.membership.heard_from(sender)
+            rep.on_records(sender, reply_to, body)
+        elif rep is not None and ftype == FrameType.PULL:
+            self.membership.heard_from(sender)
+            rep.on_pull(reply_to, body)
 
     def _on_change(self, m: Member, old: MemberState | None) -> None:
         self.cluster.changes.append(
@@ -106,28 +134,26 @@ class SimNode:
             self.send_sync(m.address, reply=True)
 
     def send_sync(self, address: str, reply: bool) -> None:
+        if self.replicator is not None:
+            self.replicator.send_sync(address, reply)
+            return
         self.transport.send(address, FrameType.SYNC,
                             {"digest": {}, "members": self.membership.table(), "reply": reply})
 
-    async def _sync_loop(self) -> None:
-        rng = self.cluster.rng
-        while True:
-            await asyncio.sleep(self.config.sync_interval * rng.uniform(0.75, 1.25))
-            up = self.membership.alive()
-            if up and self.cluster.anti_entropy:
-                self.send_sync(rng.choice(up).address, reply=True)
+    def _sync_round(self) -> None:
+        up = self.membership.alive()
+        if up and self.cluster.anti_entropy:
+            self.send_sync(self.cluster.rng.choice(up).address, reply=True)
 
-    async def _reconnect_loop(self) -> None:
-        cfg, rng = self.config, self.cluster.rng
-        while True:
-            await asyncio.sleep(cfg.reconnect_interval)
-            members = self.membership.members.values()
-            taken = {m.address for m in members if m.up}
-            dead = [m for m in members
-                    if m.state == MemberState.DEAD and m.address not in taken]
-            for m in rng.sample(dead, min(len(dead), cfg.reconnect_max)):
-                self.transport.forget(m.address)
-                self.send_sync(m.address, reply=True)
+    def _knock(self) -> None:
+        knock_on_dead(self.membership.members, self.config.reconnect_max,
+                      self.transport.forget, lambda addr: self.send_sync(addr, reply=True),
+                      self.cluster.rng)
+
+    def committed(self) -> None:
+        """Local writes committed (the daemon's IPC server says so after each batch)."""
+        if self.replicator is not None and self.running:
+            self.replicator.committed()
 
 
 class SimCluster:
@@ -138,7 +164,8 @@ class SimCluster:
     joined with `join()` through the real admission path."""
 
     def __init__(self, n: int, config: Config, *, seed: int = 0, converged: bool = True,
-                 anti_entropy: bool = True, **net: Any) -> None:
+                 anti_entropy: bool = True, data_dir: str | Path | None = None,
+                 **net: Any) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.rng = random.Random(seed)
@@ -147,10 +174,41 @@ class SimCluster:
         self.anti_entropy = anti_entropy
         self.net = FakeNetwork(seed=seed, loop=self.loop, **net)
         self.changes: list[Change] = []
-        self.nodes = [SimNode(self, config, f"{self.rng.getrandbits(128):032x}")
-                      for _ in range(n)]
+        # With a data directory, every node gets a Store in it and replicates; the
+        # stores' wall clock follows the virtual one (HLC stamps, record age checks).
+        self.data_dir = None if data_dir is None else Path(data_dir)
+        self._epoch = time.time() - self.loop.time()
+        self.stores: list[Store] = []
+        self.nodes: list[SimNode] = []
+        for _ in range(n):
+            self.add(start=False)
         if converged:
             self._converge()
+
+    def wall(self) -> float:
+        """The stores' wall clock: real time at the start, then virtual time."""
+        return self._epoch + self.loop.time()
+
+    def store(self, name: str) -> Store:
+        """A store in the cluster's data directory, `name` under it (reopened if it
+        exists: a node that restarts with its data)."""
+        assert self.data_dir is not None, "SimCluster(data_dir=...) replicates"
+        store = Store(self.data_dir / name, stale_after=self.config.session_stale_after,
+                      wall=self.wall)
+        self.stores.append(store)
+        return store
+
+    def add(self, store: Store | None = None, *, address: str = "", start: bool = True
+            ) -> SimNode:
+        """A new node (with `store`, or a fresh one when the cluster replicates), alone
+        until joined (see `join`); `address` reuses that of a node that stopped."""
+        if store is None and self.data_dir is not None:
+            store = self.store(f"n{len(self.stores)}")
+        node = SimNode(self, self.config, f"{self.rng.getrandbits(128):032x}", store, address)
+        self.nodes.append(node)
+        if start:
+            node.start()
+        return node
 
     def _converge(self) -> None:
         """Fill each table as joining and admission would have (every other node alive,
@@ -159,15 +217,10 @@ class SimCluster:
         table, O(N^3) in all, minutes at N = 1,000."""
         now = self.loop.time()
         for node in self.nodes:
-            ms = node.membership
-            for other in self.nodes:
-                if other is not node:
-                    ms.members[other.node_id] = Member(
-                        other.node_id, other.address, MemberState.ALIVE,
-                        other.membership.incarnation, state_since=now, last_contact=now)
-            ms._order = list(ms.members)
-            self.rng.shuffle(ms._order)
-            ms._pin()
+            node.membership.preload(
+                (Member(o.node_id, o.address, MemberState.ALIVE, o.membership.incarnation,
+                        state_since=now, last_contact=now)
+                 for o in self.nodes if o is not node), self.rng.shuffle)
 
     def start(self, stagger: bool = True) -> None:
         """Start every node, at random moments over one probe interval (daemons do not
@@ -175,6 +228,18 @@ class SimCluster:
         for node in self.nodes:
             delay = self.rng.uniform(0, self.config.probe_interval) if stagger else 0.0
             self.loop.call_later(delay, node.start)
+
+    async def restart(self, node: SimNode) -> SimNode:
+        """Crash `node` (if it runs) and start it again at its address with its data:
+        same node id, a new incarnation, what it missed to catch up on."""
+        await node.stop()
+        assert node.store is not None, "a node without a store has nothing to restart with"
+        path = node.store.data_dir
+        node.store.close()
+        self.stores.remove(node.store)
+        store = Store(path, stale_after=self.config.session_stale_after, wall=self.wall)
+        self.stores.append(store)
+        return self.add(store, address=node.address)
 
     def join(self, node: SimNode, seed: SimNode) -> None:
         """Announce `node` to `seed`, as a daemon's SYNC to a --join address does."""
@@ -219,4 +284,10 @@ class SimCluster:
 
     async def close(self) -> None:
         await asyncio.gather(*(n.stop() for n in self.nodes if n.running))
+        if self.stores:
+            # The replicators' last timers (a pull check push_grace after a SYNC) run
+            # on open stores.
+            await asyncio.sleep(2 * self.config.push_grace)
+        for store in self.stores:
+            store.close()
         random.setstate(self._global_random)

@@ -30,12 +30,13 @@ import zmq
 
 from meshd.config import Config
 from meshd.errors import MeshError
+from meshd.mesh.drain import SocketDrain
 from meshd.mesh.security import ClusterKey, curve_client, curve_server
 from meshd.wire.peer import FrameType, decode, encode, frame_limit, parse_address
 
 log = logging.getLogger("meshd.mesh")
 
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 #: s of frame handling per loop turn at most; then other callbacks get their turn.
 DRAIN_BUDGET = 0.005
@@ -65,7 +66,7 @@ class Transport:
         self._tokens_at = time.monotonic()
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._scheduled = False
+        self._drain: SocketDrain | None = None
         self._frame_limit = frame_limit(config.max_frame_bytes)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -96,8 +97,12 @@ class Transport:
             self.address = f"{advertise_host(host)}:{real_port}"
         self._router = sock
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
-        self._wake()
+        # Bounded in count and in time: merging a chunk of records takes ~20 ms, and a
+        # node catching up always has the next chunk waiting, so without a time budget
+        # its own clients (and probes) would wait for the whole catch-up.
+        self._drain = SocketDrain(sock, on_message=self._receive, max_count=512,
+                                  budget=DRAIN_BUDGET, name="peer")
+        self._drain.start()
         self._sweeper = self._loop.call_later(self._sweep_every(), self._sweep)
         log.info("listening for peers on %s (advertised as %s)", self.bound, self.address)
 
@@ -116,9 +121,10 @@ class Transport:
             sock.close(linger_ms)
         self._peers.clear()
         self._transient.clear()
+        if self._drain is not None:
+            self._drain.stop()
+            self._drain = None
         if self._router is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._router.getsockopt(zmq.FD))
             self._router.close(0)
             self._router = None
 
@@ -264,71 +270,14 @@ class Transport:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def _wake(self) -> None:
-        if not self._scheduled and self._loop is not None:
-            self._scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drop(self, reason: str) -> None:
-        self.counters[f"dropped.{reason}"] += 1
-        self.counters["frames_dropped"] += 1
-
-    def _drain(self) -> None:
-        self._scheduled = False
-        try:
-            self._drain_some()
-        finally:
-            # Also after a failure: the socket's descriptor is edge-triggered, so frames
-            # left waiting would otherwise wait for the next one to arrive.
-            sock = self._router
-            try:
-                more = sock is not None and bool(sock.get(_EVENTS) & _POLLIN)
-            except zmq.ZMQError:
-                more = False
-            if more:
-                self._wake()
-
-    def _drain_some(self) -> None:
-        sock = self._router
-        n = 0
-        # Bounded in count and in time: merging a chunk of records takes ~20 ms, and a
-        # node catching up always has the next chunk waiting, so without a time budget
-        # its own clients (and probes) would wait for the whole catch-up.
-        until = time.monotonic() + DRAIN_BUDGET
-        while (sock is not None and n < 512 and sock.get(_EVENTS) & _POLLIN
-               and (n == 0 or time.monotonic() < until)):
-            try:
-                parts = sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as exc:
-                log.warning("peer receive failed: %s", exc)
-                break
-            n += 1
+    def _receive(self, parts: list[bytes]) -> None:
+        """One message off the ROUTER (read by `SocketDrain`)."""
+        if len(parts) != 2:
             self.counters["frames_in"] += 1
-            if len(parts) != 2:
-                self._drop("bad_frame")
-                continue
-            try:
-                ftype, sender, reply_to, body = decode(parts[1], self._frame_limit)
-            except MeshError as exc:
-                self._drop(exc.code)
-                continue
-            except Exception:                     # a checker's bug costs one frame only
-                self._drop("decode_error")
-                log.debug("a peer frame failed to decode", exc_info=True)
-                continue
-            if sender == self.node_id:
-                self._drop("from_self")
-                continue
-            try:
-                self.handler(ftype, sender, reply_to, body)
-            except Exception:                     # one bad frame must never stop the loop
-                self._drop("handler_error")
-                log.exception("handling a %s frame from %s failed", ftype.name, sender)
-            else:
-                self.counters["frames_handled"] += 1
-            sock = self._router
+            drop(self.counters, "bad_frame")
+            return
+        hand_frame(parts[1], self._frame_limit, self.node_id, self.handler, self.counters,
+                   _log_handler_error)
 
     def stats(self) -> dict[str, Any]:
         return {"address": self.address, "bound": self.bound, "counters": dict(self.counters),
@@ -355,3 +304,47 @@ def advertise_host(bind_host: str) -> str:
             if ip.is_IPv4 and not str(ip.ip).startswith(("127.", "169.254.")):
                 return str(ip.ip)
     return "127.0.0.1"
+
+
+#: A decoded peer frame: (type, sender node id, reply-to address, body).
+Decoded = tuple[FrameType, str, str, dict[str, Any]]
+
+
+def drop(counters: Counter[str], reason: str) -> None:
+    counters[f"dropped.{reason}"] += 1
+    counters["frames_dropped"] += 1
+
+
+def _log_handler_error(exc: Exception, ftype: FrameType, sender: str) -> None:
+    log.error("handling a %s frame from %s failed", ftype.name, sender, exc_info=exc)
+
+
+def hand_frame(payload: bytes | Decoded, limit: int, node_id: str, handler: Handler,
+               counters: Counter[str], failed: Callable[[Exception, FrameType, str], None]
+               ) -> None:
+    """Decode a peer frame, check it and hand it to `handler`: the one receive path of the
+    real transport and of the fake network (`fakenet`), which may pass a frame already
+    decoded. Every failure is counted here, so a frame costs only itself."""
+    counters["frames_in"] += 1
+    if isinstance(payload, tuple):
+        ftype, sender, reply_to, body = payload
+    else:
+        try:
+            ftype, sender, reply_to, body = decode(payload, limit)
+        except MeshError as exc:
+            drop(counters, exc.code)
+            return
+        except Exception:                         # a checker's bug costs one frame only
+            drop(counters, "decode_error")
+            log.debug("a peer frame failed to decode", exc_info=True)
+            return
+    if sender == node_id:
+        drop(counters, "from_self")
+        return
+    try:
+        handler(ftype, sender, reply_to, body)
+    except Exception as exc:                      # one bad frame must never stop the loop
+        drop(counters, "handler_error")
+        failed(exc, ftype, sender)
+    else:
+        counters["frames_handled"] += 1

@@ -4,7 +4,7 @@ the WAL between folds.
 SQLite releases the GIL while it works, so while this thread commits one batch the loop
 goes on receiving, validating, journaling and answering the next: under load the two
 overlap instead of taking turns. There is one such thread per daemon, whatever the
-number of clients or peers. It only runs `Store.fold_handed_off()` and, every
+number of clients or peers. It only runs `WritePipeline.fold_handed_off()` and, every
 `checkpoint_interval`, `Store.checkpoint()` (copying the WAL back into the database, which
 would otherwise pause the loop); everything else (handing batches off, emptying journal
 segments, publishing events) stays on the loop.
@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from meshd.state.store import Store
+from meshd.state.pipeline import WritePipeline
 
 log = logging.getLogger("meshd.fold")
 
@@ -27,8 +27,10 @@ Done = Callable[[BaseException | None], None]
 
 
 class FoldThread:
-    def __init__(self, store: Store, done: Done, checkpoint_interval: float = 1.0) -> None:
-        self.store = store
+    def __init__(self, pipeline: WritePipeline, done: Done, checkpoint_interval: float = 1.0
+                 ) -> None:
+        self.pipeline = pipeline
+        self.store = pipeline.store
         self.done = done
         self.checkpoint_interval = checkpoint_interval
         self.folded = 0
@@ -42,12 +44,12 @@ class FoldThread:
         self._thread.start()
 
     def kick(self) -> None:
-        """A batch was handed off (Store.hand_off)."""
+        """A batch was handed off (WritePipeline.hand_off)."""
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in progress, then end. What is still queued is folded by
-        `Store.close()` (or, after a crash, from the journal on the next start)."""
+        `WritePipeline.close()` (or, after a crash, from the journal on the next start)."""
         self._stopping = True
         self._wake.set()
         if self._thread.is_alive():
@@ -67,7 +69,7 @@ class FoldThread:
             self._wake.clear()
             error: BaseException | None = None
             try:
-                self.folded += self.store.fold_handed_off()
+                self.folded += self.pipeline.fold_handed_off()
             except Exception as exc:          # reported to the loop, which retries later
                 error = exc
             try:

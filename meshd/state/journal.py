@@ -16,7 +16,8 @@ new directory entry (which fsync durability would have to flush too).
 
 Frame: 4-byte big-endian length, 4-byte CRC32 of the payload, payload (msgpack: the list
 of records of one append, i.e. of one batch of requests; a record is `[command, args,
-version, hlc]`). A frame that does not check out (a flipped byte, a length gone wrong, a
+version, hlc, routes]`, see `meshd.state.pipeline`; earlier versions wrote it without
+`routes`, and such records are read too). A frame that does not check out (a flipped byte, a length gone wrong, a
 write cut short by a crash or a truncated file) costs only itself: the reader looks for
 the next frame that does check out and goes on from there, and reports what it skipped
 (`Damage`), so a damaged spot loses the writes of one batch, not the rest of the segment.
@@ -24,6 +25,7 @@ the next frame that does check out and goes on from there, and reports what it s
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import struct
@@ -95,8 +97,8 @@ class Journal:
         return old
 
     def read_all(self) -> list[Any]:
-        """Every whole, intact record of both segments, in stamp order (records are
-        `[command, args, version, hlc]` and hlc stamps only grow)."""
+        """Every whole, intact record of both segments, in stamp order (a record's
+        fourth item is its hlc stamp, and those only grow)."""
         out: list[Any] = []
         self.damage = []
         for path in self.paths:
@@ -108,7 +110,7 @@ class Journal:
                       "lost (acknowledged ones, unless a crash cut the write short)",
                       self.paths[0].parent / d.segment, d.size, d.offset,
                       ", to the end" if d.tail else ", read on past them", d.lost)
-        out.sort(key=lambda r: r[3] if isinstance(r, list) and len(r) == 4 else 0)
+        out.sort(key=lambda r: r[3] if isinstance(r, list) and len(r) in _RECORD_SIZES else 0)
         return out
 
     def damage_counters(self) -> dict[str, int]:
@@ -147,9 +149,11 @@ class Damage:
     tail: bool
 
 
-#: Where a record can begin: a 4-element array whose first item is a short string (the
-#: command). Every frame's payload starts with its record list's header, then one.
-_RECORD_START = b"\x94"
+#: Records have 5 items (4 in journals of earlier versions).
+_RECORD_SIZES = (4, 5)
+#: Where a record can begin: a fixarray of 4 or 5 items whose first item is a short
+#: string (the command). Every frame's payload starts with its record list's header, then one.
+_RECORD_STARTS = (b"\x94", b"\x95")
 _FIXSTR = range(0xA0, 0xC0)
 #: Sizes of a msgpack array header (fixarray, array 16, array 32) before the first record.
 _LIST_HEADERS = (1, 3, 5)
@@ -189,7 +193,8 @@ def _frame_at(data: bytes, pos: int) -> list[Any] | None:
     except Exception:
         return None
     if not isinstance(records, list) or not records or not all(
-            isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) for r in records):
+            isinstance(r, list) and len(r) in _RECORD_SIZES and isinstance(r[0], str)
+            for r in records):
         return None
     return records
 
@@ -204,14 +209,13 @@ def _resync(data: bytes, pos: int) -> int:
         nxt = pos + _HEADER.size + _HEADER.unpack_from(data, pos)[0]
         if nxt == end or (nxt < end and _frame_at(data, nxt) is not None):
             return nxt
-    hit = data.find(_RECORD_START, pos + _HEADER.size + 1)
-    while hit != -1:
+    for hit in heapq.merge(*(_find_all(data, marker, pos + _HEADER.size + 1, end)
+                             for marker in _RECORD_STARTS)):
         if hit + 1 < end and data[hit + 1] in _FIXSTR:
             for header in _LIST_HEADERS:
                 start = hit - header - _HEADER.size
                 if start > pos and _frame_at(data, start) is not None:
                     return start
-        hit = data.find(_RECORD_START, hit + 1)
     return end
 
 
@@ -231,7 +235,7 @@ def _lost_in(data: bytes, pos: int, nxt: int) -> int:
                 count = 0
             if 1 <= count <= size // 16:        # (a record takes far more than 16 bytes)
                 return count
-    seen = sum(1 for i in _find_all(data, _RECORD_START, pos, nxt)
+    seen = sum(1 for marker in _RECORD_STARTS for i in _find_all(data, marker, pos, nxt)
                if i + 1 < nxt and data[i + 1] in _FIXSTR)
     return max(1, seen)
 

@@ -52,8 +52,7 @@ def _query(store: "Store", where: str, params: tuple[Any, ...], tail: str = _NEW
 INSERT_ENTRY = ("INSERT OR IGNORE INTO memory (entry_id, key, type, value, session_id, timestamp,"
                 " ttl, expires_ms, tags, metadata, origin, version, hlc)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_INSERT_TAG = "INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)"
-# Only for an entry this very fold stored: a retried set (same entry_id, new stamp) is
+# Only for an entry this very insert stored: a retried set (same entry_id, new stamp) is
 # skipped by the insert above and must not leave a tag row behind.
 INSERT_TAG_IF_STORED = ("INSERT OR IGNORE INTO memory_tags SELECT ?, hlc, entry_id FROM memory"
                         " WHERE entry_id = ? AND hlc = ?")
@@ -76,28 +75,28 @@ def set_entry(store: "Store", a: dict[str, Any]) -> dict[str, Any]:
     large value back would cost both sides on every set."""
     e = a["entry"]
     version, hlc = store.stamp()
-    cur = store.conn.execute(INSERT_ENTRY, entry_row(e, store.node_id, version, hlc))
-    if cur.rowcount == 0:               # a retry of a set we already stored
-        store.version -= 1
-        return {"entry_id": e["entry_id"]}
-    if e["tags"]:
-        store.conn.executemany(_INSERT_TAG, [(t, hlc, e["entry_id"]) for t in set(e["tags"])])
+    if not insert_entries(store, [(e, store.node_id, version, hlc)]):
+        store.version -= 1              # a retry of a set we already stored
     return {"entry_id": e["entry_id"]}
 
 
-def set_entries(store: "Store", stamped: list[tuple[dict[str, Any], int, int]]) -> None:
-    """Fold journaled sets, each with the (version, hlc) it was given when logged, in two
-    statements. Idempotent: a set already stored (a replay, or a client's retry) is
-    skipped, and so are its tags."""
+def insert_entries(store: "Store", stamped: list[tuple[dict[str, Any], str, int, int]]) -> int:
+    """Store entries, each with its stamp (origin, version, hlc), in two statements: the one
+    way an entry gets into the table, for a local set, a fold of journaled sets and a
+    merge of replicated ones alike. Idempotent on entry_id: an entry already stored (a
+    replay, a client's retry, a record received twice) is skipped, and so are its tags
+    (an entry id already held with another stamp keeps its own). How many were stored."""
     rows, tags = [], []
-    for a, version, hlc in stamped:
-        e = a["entry"]
-        rows.append(entry_row(e, store.node_id, version, hlc))
+    for e, origin, version, hlc in stamped:
+        rows.append(entry_row(e, origin, version, hlc))
         if e["tags"]:
             tags.extend((t, e["entry_id"], hlc) for t in set(e["tags"]))
+    before = store.conn.total_changes
     store.conn.executemany(INSERT_ENTRY, rows)
-    if tags:
+    stored = store.conn.total_changes - before
+    if tags and stored:
         store.conn.executemany(INSERT_TAG_IF_STORED, tags)
+    return stored
 
 
 def get(store: "Store", a: dict[str, Any]) -> dict[str, Any] | None:

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from meshd.state import memory, messages
+from meshd.state import memory
 
 if TYPE_CHECKING:
+    from meshd.state.outbox import Outbox
     from meshd.state.store import Store
 
 _SESSION_COLS = ("session_id, agent_name, agent_type, status, started_at, last_ping, human_user, "
@@ -105,7 +106,7 @@ def export(store: "Store", origin: str, after: int, limit: int = 1000
     return [r for _, r in rows], through
 
 
-def apply(store: "Store", origin: str, after: int, through: int,
+def apply(store: "Store", outbox: "Outbox", origin: str, after: int, through: int,
           records: list[dict[str, Any]]) -> int:
     """Merge validated records of `origin` (inside the caller's write transaction).
     Returns how many changed the visible state. Knowledge of `origin` advances to
@@ -122,7 +123,7 @@ def apply(store: "Store", origin: str, after: int, through: int,
             changed += _merge_entries(store, run)
             run = []
         if kind == "session":
-            changed += _merge_session(store, rec)
+            changed += _merge_session(store, outbox, rec)
         elif kind == "deletion":
             changed += _merge_deletion(store, rec)
     if run:
@@ -133,7 +134,7 @@ def apply(store: "Store", origin: str, after: int, through: int,
     return changed
 
 
-def _merge_session(store: "Store", r: dict[str, Any]) -> int:
+def _merge_session(store: "Store", outbox: "Outbox", r: dict[str, Any]) -> int:
     row = store.conn.execute("SELECT hlc, origin, host, deleted FROM sessions "
                              "WHERE session_id = ?", (r["session_id"],)).fetchone()
     if row is not None and (row[0], row[1]) >= (r["hlc"], r["origin"]):
@@ -151,10 +152,10 @@ def _merge_session(store: "Store", r: dict[str, Any]) -> int:
     me = store.node_id
     if (row is not None and row[2] == me and not row[3] and not r["deleted"]
             and r["host"] is not None and r["host"] != me):
-        messages.session_moved(store, r["session_id"], r["host"])    # unread ones follow
+        outbox.session_moved(r["session_id"], r["host"])    # unread ones follow
     if not r["deleted"]:
         if row is None or row[3]:        # newly known here: what waited for it goes to it
-            messages.release_waiting(store, r["session_id"], r["host"])
+            outbox.release_waiting(r["session_id"], r["host"])
         store.conn.executemany("INSERT OR IGNORE INTO session_caps VALUES (?, ?)",
                                [(cap, r["session_id"]) for cap in r["capabilities"]])
     return 1
@@ -167,40 +168,15 @@ def _covered(store: "Store", r: dict[str, Any]) -> bool:
         (r["key"], r["session_id"], r["hlc"])).fetchone() is not None
 
 
-def _entry_row(r: dict[str, Any]) -> tuple[Any, ...]:
-    return memory.entry_row(r, r["origin"], r["version"], r["hlc"])
-
-
-def _merge_entry(store: "Store", r: dict[str, Any]) -> int:
-    if _covered(store, r):
-        return 0
-    cur = store.conn.execute(memory.INSERT_ENTRY, _entry_row(r))
-    if cur.rowcount == 0:
-        return 0
-    if r["tags"]:
-        store.conn.executemany("INSERT OR IGNORE INTO memory_tags VALUES (?, ?, ?)",
-                               [(t, r["hlc"], r["entry_id"]) for t in set(r["tags"])])
-    return 1
-
-
 def _merge_entries(store: "Store", run: list[dict[str, Any]]) -> int:
-    """Entries in a row (a catch-up chunk is mostly these): when no deletion is as recent
-    as the oldest of them (the usual case), none can be covered, and they go in with one
-    statement per table instead of two or three per entry."""
+    """Entries in a row (a catch-up chunk is mostly these), less those a deletion covers:
+    when no deletion is as recent as the oldest of them (the usual case) none can be, and
+    none is looked up."""
     oldest = min(r["hlc"] for r in run)
-    if len(run) == 1 or store.conn.execute("SELECT 1 FROM deletions WHERE hlc >= ? LIMIT 1",
-                                           (oldest,)).fetchone() is not None:
-        return sum(_merge_entry(store, r) for r in run)
-    before = store.conn.total_changes
-    store.conn.executemany(memory.INSERT_ENTRY, [_entry_row(r) for r in run])
-    changed = store.conn.total_changes - before
-    if changed:
-        # Tags only for the entries stored as sent: an entry id already held with another
-        # stamp (the same client id set on two hosts) keeps its own tags.
-        store.conn.executemany(memory.INSERT_TAG_IF_STORED,
-                               [(t, r["entry_id"], r["hlc"]) for r in run
-                                for t in set(r["tags"])])
-    return changed
+    if store.conn.execute("SELECT 1 FROM deletions WHERE hlc >= ? LIMIT 1",
+                          (oldest,)).fetchone() is not None:
+        run = [r for r in run if not _covered(store, r)]
+    return memory.insert_entries(store, [(r, r["origin"], r["version"], r["hlc"]) for r in run])
 
 
 def _merge_deletion(store: "Store", r: dict[str, Any]) -> int:

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from meshd.errors import InvalidArgument
+from meshd.state.commands import Commands
 from meshd.state.store import Store
 from meshd.wire.ipc import validate_args
 from sessions._client import Client, shared_client
-from sessions._ops import Op, collect_pages
+from sessions._core import collect_pages
+from sessions._ops import Op
 
 _stores: dict[str, Store] = {}
+_commands: dict[str, Commands] = {}
 _stores_lock = threading.Lock()
 
 
@@ -29,7 +32,19 @@ def directory_store(directory: str | os.PathLike[str]) -> Store:
         store = _stores.get(key)
         if store is None or store.pid != os.getpid():
             store = _stores[key] = Store(key, shared=True)
+            _commands.pop(key, None)
         return store
+
+
+def directory_commands(store: Store) -> Commands:
+    """The command table bound to a directory's store (one per store, as the daemon has
+    one for its own), so directory mode answers exactly as the daemon would."""
+    key = str(store.data_dir)
+    with _stores_lock:
+        commands = _commands.get(key)
+        if commands is None or commands.store is not store:
+            commands = _commands[key] = Commands(store)
+        return commands
 
 
 class DaemonBackend:
@@ -52,6 +67,7 @@ class DirectoryBackend:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.store = directory_store(directory)
+        self.commands = directory_commands(self.store)
         self.directory = str(self.store.data_dir)
 
     def run(self, op: Op) -> Any:
@@ -65,9 +81,9 @@ class DirectoryBackend:
             raise InvalidArgument(f"{op.command} needs a daemon: a sessions directory is "
                                   f"not part of a mesh")
         if op.paged:
-            return op.convert(collect_pages(lambda at: self.store.execute(
+            return op.convert(collect_pages(lambda at: self.commands.execute(
                 op.command, validate_args(op.command, op.page(at["offset"])))))
-        return op.result(args, self.store.execute(op.command, args))
+        return op.result(args, self.commands.execute(op.command, args))
 
 
 Backend = DaemonBackend | DirectoryBackend

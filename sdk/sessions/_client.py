@@ -1,5 +1,6 @@
 """The blocking connection to the local daemon: one DEALER socket, requests correlated by
-id, one deadline per call.
+id, one deadline per call. What is said and how answers are read is `_core.Exchange`;
+this module owns the socket and the waiting.
 
 ZeroMQ's connect() to an ipc:// path succeeds even when nobody listens, so before the
 first call we check the path ourselves and fail fast with a message that names the socket
@@ -9,7 +10,6 @@ arrives after its call gave up is recognised by its id and discarded.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket as pysocket
 import threading
@@ -19,11 +19,11 @@ from typing import Any
 import zmq
 
 from meshd.config import Config, candidate_socket_paths, socket_dir_problem
-from meshd.errors import DaemonUnavailable, MeshError, ProtocolError, Timeout, TooLarge, from_code
-from meshd.wire.ipc import ERROR, EVENT, OK, decode_reply, encode_request
+from meshd.errors import DaemonUnavailable, Timeout
+from meshd.wire.ipc import ERROR, EVENT, OK
+from sessions._core import MAX_REPLY_BYTES, Call, Exchange, error_from
 
 DEFAULT_TIMEOUT = Config().client_timeout
-MAX_REPLY_BYTES = 1 << 30
 _START_HINT = ("start it with `meshd` (or `systemctl start meshd`), or point MESHD_SOCKET "
                "at a running daemon's socket")
 
@@ -82,9 +82,8 @@ def check_listening(path: str) -> None:
 
 
 def raise_error(body: Any) -> None:
-    if isinstance(body, dict) and isinstance(body.get("code"), str):
-        raise from_code(body["code"], str(body.get("message", "")))
-    raise ProtocolError(f"malformed error reply: {body!r}")
+    """Raise the exception an error reply names (see `_core.error_from`)."""
+    raise error_from(body)
 
 
 def new_dealer(path: str) -> zmq.Socket:
@@ -96,17 +95,25 @@ def new_dealer(path: str) -> zmq.Socket:
 
 
 class Client:
-    """A thread-safe blocking client of one daemon socket."""
+    """A thread-safe blocking client of one daemon socket: a shell over `_core.Exchange`
+    that sends one request at a time and polls for its reply."""
 
     def __init__(self, socket_path: str | None = None, timeout: float | None = None,
                  max_frame_bytes: int = Config().max_frame_bytes) -> None:
         self.path = resolve_socket(socket_path)
         self.timeout = default_timeout() if timeout is None else float(timeout)
-        self.max_frame_bytes = max_frame_bytes
+        self._exchange = Exchange(max_frame_bytes)
         self._lock = threading.Lock()
         self._sock: zmq.Socket | None = None
         self._pid = os.getpid()
-        self._ids = itertools.count(1)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._exchange.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self._exchange.max_frame_bytes = value
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None or self._pid != os.getpid():
@@ -121,60 +128,59 @@ class Client:
         self._sock = None
 
     def call(self, command: str, args: dict[str, Any], timeout: float | None = None) -> Any:
-        """Send one request and wait for its reply, at most `timeout` seconds in all."""
+        """Send one request and wait for its reply, at most `timeout` seconds in all (the
+        clock starts before waiting for the lock: the time queued behind other threads
+        counts)."""
         limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
+        start = time.monotonic()
         with self._lock:
-            req_id = next(self._ids)
-            frame = encode_request(req_id, command, args)
-            if len(frame) > self.max_frame_bytes:
-                raise TooLarge(f"request of {len(frame)} bytes is over the "
-                               f"{self.max_frame_bytes}-byte limit")
-            sock = self._socket()
+            call = self._exchange.start(command, args, start, limit)
             try:
-                self._send(sock, frame, deadline)
-                return self._wait(sock, req_id, deadline)
-            except Timeout:
-                self._reset()
-                check_listening(self.path)       # a dead daemon is a clearer error
-                raise Timeout(f"meshd on {self.path} did not answer {command} "
-                              f"within {limit:g}s") from None
-            except zmq.ZMQError as exc:
-                self._reset()
-                raise DaemonUnavailable(f"lost the connection to meshd on {self.path}: {exc}") from exc
+                sock = self._socket()
+                try:
+                    self._send(sock, call.deadline)
+                    return self._wait(sock, call)
+                except Timeout:
+                    self._reset()
+                    check_listening(self.path)       # a dead daemon is a clearer error
+                    raise self._exchange.timeout_error(call, self.path) from None
+                except zmq.ZMQError as exc:
+                    self._reset()
+                    raise DaemonUnavailable(f"lost the connection to meshd on {self.path}: "
+                                            f"{exc}") from exc
+            finally:
+                self._exchange.forget(call.req_id)
 
-    @staticmethod
-    def _send(sock: zmq.Socket, frame: bytes, deadline: float) -> None:
-        while True:
-            try:
-                sock.send(frame, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout("send") from None
-                sock.poll(min(remaining, 0.05) * 1000, zmq.POLLOUT)
+    def _send(self, sock: zmq.Socket, deadline: float) -> None:
+        while (out := self._exchange.next_frame()) is not None:
+            frame, taken = out
+            while True:
+                try:
+                    sock.send(frame, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise Timeout("send") from None
+                    sock.poll(min(remaining, 0.05) * 1000, zmq.POLLOUT)
+            self._exchange.sent(taken)
 
-    @staticmethod
-    def _wait(sock: zmq.Socket, req_id: int, deadline: float) -> Any:
+    def _wait(self, sock: zmq.Socket, call: Call) -> Any:
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = call.remaining(time.monotonic())
             if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLIN):
                 raise Timeout("recv")
             try:
-                rid, kind, body = decode_reply(sock.recv(zmq.NOBLOCK), MAX_REPLY_BYTES)
+                frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 continue
-            except MeshError:
-                continue                          # not a reply we can read: not ours
-            if rid == req_id:
-                if kind == OK:
-                    return body
-                if kind == ERROR:
-                    raise_error(body)
-            elif rid is None and kind == ERROR:
-                raise_error(body)                 # the daemon could not even read our request
-            # else: a late reply to a call that already timed out, or a stray event
+            # Late replies to calls that gave up, and strays, settle nothing. An error the
+            # daemon could not tie to a request (req_id nil) is ours: we have one in flight.
+            for rid, answer, error in self._exchange.receive(frame):
+                if rid == call.req_id or rid is None:
+                    if error is not None:
+                        raise error
+                    return answer
 
     def close(self) -> None:
         with self._lock:
@@ -197,4 +203,4 @@ def shared_client(socket_path: str | None = None, timeout: float | None = None) 
 
 
 __all__ = ["Client", "shared_client", "check_listening", "resolve_socket", "new_dealer",
-           "raise_error", "EVENT", "OK", "ERROR"]
+           "raise_error", "EVENT", "OK", "ERROR", "MAX_REPLY_BYTES"]

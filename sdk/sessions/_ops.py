@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from meshd.errors import InvalidArgument
+from sessions._core import MAX_PAGES, PAGE_ROWS, collect_pages  # noqa: F401  (paging lives there)
 from sessions.models import new_id, now_iso, MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 
 _HOST = socket.gethostname()
@@ -24,7 +25,7 @@ class Op:
     args: dict[str, Any]
     convert: Callable[[Any], Any]
     echo: str | None = None
-    paged: bool = False          # a list read: asked for in pages (see `pages`)
+    paged: bool = False          # a list read: asked for in pages (see `_core.Pages`)
 
     def result(self, args: dict[str, Any], answer: Any) -> Any:
         return self.convert(args[self.echo] if self.echo else answer)
@@ -32,49 +33,6 @@ class Op:
     def page(self, offset: int) -> dict[str, Any]:
         """The arguments asking for the page at `offset`."""
         return {**self.args, "limit": PAGE_ROWS, "offset": offset}
-
-
-#: Rows asked for per page of a list read. The daemon bounds each answer (rows, and about
-#: a frame's bytes), so a big registry or memory comes in several round trips instead of
-#: one answer that would hold the daemon (and this process) for long.
-PAGE_ROWS = 1000
-#: Pages per call at most (a bound on the loop: 5 million rows).
-MAX_PAGES = 10_000
-
-
-def collect_pages(fetch: Callable[[dict[str, Any]], Any]) -> list[Any]:
-    """All items of a paged read, page after page until the daemon says no more follow.
-    `fetch(args_offset)` returns one page's answer, {"items", "more"}.
-
-    Pages are read one request each, so a list longer than a page is not a snapshot:
-    rows written between two pages can shift the offsets. An item seen twice is kept
-    once (by its id); a row removed meanwhile may make one of the rest be missed."""
-    items: list[Any] = []
-    seen: set[Any] = set()
-    offset = 0
-    for _ in range(MAX_PAGES):
-        answer = fetch({"offset": offset})
-        page = answer["items"]
-        offset += len(page)
-        for item in page:
-            key = _identity(item)
-            if key is None or key not in seen:
-                seen.add(key)
-                items.append(item)
-        if not answer["more"] or not page:
-            return items
-    raise InvalidArgument(f"more than {MAX_PAGES} pages: narrow the query")
-
-
-def _identity(item: Any) -> Any:
-    """What makes a row of a paged list the same row again: its id."""
-    if not isinstance(item, dict):
-        return None
-    for k in ("entry_id", "message_id", "session_id"):      # (entries also name a session)
-        if k in item:
-            return item[k]
-    inner = item.get("message")                              # message.sent rows
-    return inner.get("message_id") if isinstance(inner, dict) else None
 
 
 def _same(x: Any) -> Any:

@@ -5,13 +5,13 @@ its cursor across reconnects and daemon restarts, and the background thread that
 Against a daemon, a stream has its own DEALER socket: it subscribes with its cursor,
 receives pushed events, acks them (which also renews the subscription), and when the
 daemon forgets it (restart, idle expiry) subscribes again from the last cursor it
-delivered. Events at or below that cursor are dropped, so nothing is delivered twice.
-In directory mode there is no daemon to push, so the stream polls the store.
+delivered. The protocol and its decisions are `_subscription.Subscription` (no I/O);
+`MessageStream` carries them out on the socket. In directory mode there is no daemon to
+push, so the stream polls the store.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -21,19 +21,16 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from meshd.errors import DaemonUnavailable, MeshError, NotFound
-from meshd.state import messages as store_messages
+from meshd.state import mail as store_messages
 from meshd.state.store import Store
-from meshd.wire.ipc import ERROR, EVENT, OK, decode_reply, encode_request, validate_args
-from sessions._client import MAX_REPLY_BYTES, check_listening, new_dealer, raise_error
+from meshd.wire.ipc import validate_args
+from sessions._client import check_listening, new_dealer
+from sessions._subscription import (  # noqa: F401  (the constants: re-exported, as before)
+    ACK_EVERY, ACK_IDLE, RENEW_EVERY, RETRY_EVERY, SUBSCRIBE_WAIT, Subscription,
+)
 from sessions.models import Message
 
 log = logging.getLogger("sessions.stream")
-
-ACK_EVERY = 32            # events between acks
-ACK_IDLE = 0.01           # s a partial ack waits for more events (saves acks under load)
-RENEW_EVERY = 1.0         # s of silence between renewals (acks double as keep-alives)
-RETRY_EVERY = 0.5         # s between attempts to (re)subscribe while the daemon is away
-
 
 class _Iterable:
     """Iteration and `with` support shared by both kinds of stream."""
@@ -66,19 +63,10 @@ class MessageStream(_Iterable):
     def __init__(self, socket_path: str, session_id: str | None = None, cursor: int | None = None,
                  types: list[str] | None = None, window: int = 256) -> None:
         self.path = socket_path
-        self.session_id = session_id
-        self.cursor = cursor
-        self.types = types or []
-        self.window = window
-        validate_args("stream.subscribe", self._sub_args())
+        self._state = Subscription(session_id, cursor, types or [], window)
+        validate_args("stream.subscribe", self._state.args())
         self._sock: zmq.Socket | None = None
-        self._ids = itertools.count(1)
-        self._sub: int | None = None
-        self._sub_req: int | None = None
-        self._unacked = 0
-        self._last_renew = 0.0
         self._last_attempt = 0.0
-        self._pending: deque[tuple[int, Message]] = deque()
         self.closed = False
         # Told "lost" when the daemon stops answering and "back" when the stream is
         # subscribed again (e.g. `sessions watch` says so on stderr); None: silent.
@@ -86,17 +74,20 @@ class MessageStream(_Iterable):
         self._lost = False
         self._subscribe()       # pin the cursor now: "from now on" means from this call
 
-    def _sub_args(self) -> dict[str, Any]:
-        return {"session_id": self.session_id, "cursor": self.cursor, "types": self.types,
-                "window": self.window}
+    # The subscription's fields, read (and, for the cursor, set) as the stream's own.
+    session_id = property(lambda self: self._state.session_id)
+    types = property(lambda self: self._state.types)
+    window = property(lambda self: self._state.window)
 
-    # --- protocol ----------------------------------------------------------------------------
+    @property
+    def cursor(self) -> int | None:
+        return self._state.cursor
 
-    def _request(self, command: str, args: dict[str, Any]) -> int:
-        assert self._sock is not None
-        req_id = next(self._ids)
-        self._sock.send(encode_request(req_id, command, args), zmq.NOBLOCK)
-        return req_id
+    @cursor.setter
+    def cursor(self, value: int | None) -> None:
+        self._state.cursor = value
+
+    # --- I/O -----------------------------------------------------------------------------------
 
     def _subscribe(self) -> None:
         """(Re)subscribe from our cursor; waits at most a couple of seconds for the answer."""
@@ -104,23 +95,22 @@ class MessageStream(_Iterable):
         if self._sock is None:
             check_listening(self.path)
             self._sock = new_dealer(self.path)
-        self._sub = None
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + SUBSCRIBE_WAIT
         while True:
             try:
-                self._sub_req = self._request("stream.subscribe", self._sub_args())
+                self._sock.send(self._state.subscribe(), zmq.NOBLOCK)
                 break
             except zmq.Again:
                 if time.monotonic() > deadline:
                     raise DaemonUnavailable(f"cannot reach meshd on {self.path}") from None
                 self._sock.poll(50, zmq.POLLOUT)
-        while self._sub is None:
+        while self._state.sub is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sock.poll(remaining * 1000, zmq.POLLIN):
                 self._drop_socket()
                 raise DaemonUnavailable(f"meshd on {self.path} did not answer a subscribe")
             self._handle(self._sock.recv(zmq.NOBLOCK))
-        self._last_renew = time.monotonic()
+        self._state.last_renew = time.monotonic()
 
     def _note(self, lost: bool) -> None:
         if lost != self._lost:
@@ -132,57 +122,38 @@ class MessageStream(_Iterable):
         if self._sock is not None:
             self._sock.close(linger=0)
         self._sock = None
-        self._sub = None
+        self._state.sub = None
 
     def _handle(self, frame: bytes) -> None:
-        try:
-            rid, kind, body = decode_reply(frame, MAX_REPLY_BYTES)
-        except MeshError:
-            return
-        if kind == EVENT and rid == self._sub_req and isinstance(body, dict):
-            if body.get("sub") != self._sub or self._sub is None:
-                return                              # from a subscription we replaced
-            seq = body.get("seq")
-            if isinstance(seq, int) and (self.cursor is None or seq > self.cursor):
-                self._pending.append((seq, Message.from_dict(body["message"])))
-        elif rid == self._sub_req and kind == OK:
-            self._sub = body["sub"]
-            if self.cursor is None:
-                self.cursor = body["cursor"]
-        elif kind == ERROR and isinstance(body, dict):
-            if body.get("code") == "not_found":     # the daemon forgot us: resubscribe
-                self._sub = None
-                self._note(True)                    # (a restart, or we were idle too long)
-            elif rid == self._sub_req:
-                raise_error(body)
+        if self._state.feed(frame):
+            self._note(True)                        # the daemon forgot us: resubscribe
 
     def _ack(self) -> None:
-        if self._sub is None or self._sock is None or self.cursor is None:
+        frame = self._state.ack()
+        if frame is None or self._sock is None:
             return
         try:
-            self._request("stream.ack", {"sub": self._sub, "cursor": self.cursor})
+            self._sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             return
-        self._unacked = 0
-        self._last_renew = time.monotonic()
+        self._state.acked(time.monotonic())
 
     # --- public ------------------------------------------------------------------------------
 
     def next(self, timeout: float | None = None) -> Message | None:
         """The next message, or None when `timeout` seconds pass without one."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        state = self._state
         while not self.closed:
-            if self._pending:
-                seq, msg = self._pending.popleft()
-                self.cursor = seq
-                self._unacked += 1
-                if self._unacked >= ACK_EVERY:
+            msg = state.take()
+            if msg is not None:
+                if state.ack_full():
                     self._ack()
                 return msg
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return None
-            if self._sub is None:
+            if state.sub is None:
                 if now - self._last_attempt < RETRY_EVERY:
                     time.sleep(min(RETRY_EVERY, 0.05))
                     continue
@@ -194,26 +165,24 @@ class MessageStream(_Iterable):
                     self._drop_socket()
                     self._note(True)
                 continue
-            since = now - self._last_renew
-            if (self._unacked and since >= ACK_IDLE) or since >= RENEW_EVERY:
+            acking = state.ack_now(now)
+            if acking:
                 self._ack()
-                since = 0.0
-            wait = RENEW_EVERY if deadline is None else min(RENEW_EVERY, deadline - now)
-            if self._unacked:
-                wait = min(wait, max(ACK_IDLE - since, 0.0))
+            wait = state.wait(now, deadline, after_ack=acking)
             assert self._sock is not None
-            if self._sock.poll(max(wait, 0) * 1000, zmq.POLLIN):
+            if self._sock.poll(wait * 1000, zmq.POLLIN):
                 while self._sock is not None and self._sock.poll(0, zmq.POLLIN):
                     self._handle(self._sock.recv(zmq.NOBLOCK))
-            elif now - self._last_renew > 3 * RENEW_EVERY:
+            elif state.silent(now):
                 self._drop_socket()                 # no answer to our acks: reconnect
                 self._note(True)
         return None
 
     def close(self) -> None:
-        if self._sub is not None and self._sock is not None:
+        frame = self._state.close()
+        if frame is not None and self._sock is not None:
             try:
-                self._request("stream.close", {"sub": self._sub})
+                self._sock.send(frame, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         self.closed = True

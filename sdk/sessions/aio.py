@@ -3,201 +3,34 @@
 
 Against the daemon, calls from one event loop share one DEALER socket and may be in
 flight together (e.g. `asyncio.gather`), which pipelines them; each still has its own
-deadline. With a directory, calls run against the store directly.
+deadline (`AsyncClient`, in `_aioclient`, over the sans-IO core `_core`). With a
+directory, calls run against the store directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import os
 import time
 from typing import Any, Callable
 
-import zmq
-
-from meshd.errors import DaemonUnavailable, InvalidArgument, MeshError, Timeout, TooLarge
-from meshd.wire.ipc import (
-    BATCH, BATCHABLE, ERROR, OK, decode_reply, encode_item, encode_items, validate_args,
-)
+from meshd.wire.ipc import validate_args
+from meshd.wire.schema import enum_value
 from sessions import _ops as ops
 from sessions import asking
+from sessions._aioclient import AsyncClient
 from sessions._backend import DirectoryBackend
-from sessions._client import (
-    MAX_REPLY_BYTES, check_listening, default_timeout, new_dealer, raise_error, resolve_socket,
-)
-from meshd.config import Config
-from meshd.wire.schema import enum_value
+from sessions._core import Pages
 from sessions._stream import DirectoryStream, MessageStream, Stream
 from sessions.keepalive import DEFAULT_INTERVAL, AsyncKeepAlive
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
 
 log = logging.getLogger("sessions.aio")
 
-_SWEEP = 0.05      # s between deadline checks: a call's timeout is honoured to within this
-_BATCH_ITEMS = 256  # calls per batch frame at most
-
-
-class _Expired(Exception):
-    """A call's deadline passed (becomes Timeout for the caller)."""
-
-
-# Plain ints: pyzmq's enum-typed getsockopt costs microseconds per call.
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
-
 __all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory",
            "AsyncMessageStream"]
-
-
-class AsyncClient:
-    """One asyncio connection to the daemon, bound to the loop that first uses it.
-
-    The socket is watched with the loop's own reader on ZeroMQ's file descriptor and read
-    with non-blocking calls, so many calls in flight cost one future each and no task per
-    reply; sends that cannot go out at once (not yet connected) wait in a small queue.
-    """
-
-    def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
-        self.path = resolve_socket(socket_path)
-        self.timeout = default_timeout() if timeout is None else float(timeout)
-        self.max_frame_bytes = Config().max_frame_bytes
-        self._sock: zmq.Socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: dict[int, asyncio.Future[Any]] = {}
-        self._outbox: list[tuple[bytes, bool]] = []   # (packed item, batchable)
-        self._retry: asyncio.Handle | None = None     # a pending send pass
-        self._ids = itertools.count(1)
-        self._deadlines: list[tuple[float, int]] = []
-        self._sweeper: asyncio.TimerHandle | None = None
-
-    def _ensure(self) -> zmq.Socket:
-        if self._sock is None:
-            check_listening(self.path)
-            self._sock = new_dealer(self.path)
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._drain)
-        return self._sock
-
-    def _drain(self) -> None:
-        sock = self._sock
-        while sock is not None and sock.get(_EVENTS) & _POLLIN:
-            try:
-                frame = sock.recv(_NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                rid, kind, body = decode_reply(frame, MAX_REPLY_BYTES)
-            except MeshError:
-                continue
-            if kind == BATCH:
-                for item in body:
-                    if isinstance(item, list) and len(item) == 3:
-                        self._settle(item[0], item[1], item[2])
-            else:
-                self._settle(rid, kind, body)
-
-    def _settle(self, rid: Any, kind: Any, body: Any) -> None:
-        fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None or fut.done():
-            return
-        if kind == OK:
-            fut.set_result(body)
-        elif kind == ERROR:
-            try:
-                raise_error(body)
-            except MeshError as exc:
-                fut.set_exception(exc)
-
-    def _flush(self) -> None:
-        """Send what is queued, several calls to a frame (a batch); retry shortly while the
-        connection is not up yet."""
-        self._retry = None
-        sock = self._sock
-        if sock is None:
-            return
-        while self._outbox:
-            items, size = [], 0
-            for item, batchable in self._outbox:
-                if items and (not batchable or len(items) >= _BATCH_ITEMS
-                              or size + len(item) > self.max_frame_bytes - 64):
-                    break
-                items.append(item)
-                size += len(item)
-                if not batchable:
-                    break
-            try:
-                sock.send(encode_items(items), _NOBLOCK)
-            except zmq.Again:
-                assert self._loop is not None
-                self._retry = self._loop.call_later(0.002, self._flush)
-                break
-            del self._outbox[:len(items)]
-        self._drain()                 # a send can consume the FD's edge: look for replies
-
-    async def call(self, command: str, args: dict[str, Any], timeout: float | None = None) -> Any:
-        limit = self.timeout if timeout is None else timeout
-        self._ensure()
-        req_id = next(self._ids)
-        item = encode_item(req_id, command, args)
-        if len(item) > self.max_frame_bytes - 16:
-            raise TooLarge(f"request of {len(item)} bytes is over the "
-                           f"{self.max_frame_bytes}-byte limit")
-        assert self._loop is not None
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._waiting[req_id] = fut
-        # Store commands share frames; the others (streams, node info) go alone.
-        self._outbox.append((item, command in BATCHABLE))
-        if self._retry is None:
-            # One send pass per loop turn: calls started together (gather) go out together.
-            self._retry = self._loop.call_soon(self._flush)  # type: ignore[assignment]
-        self._deadlines.append((self._loop.time() + limit, req_id))
-        if self._sweeper is None:
-            self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
-        try:
-            return await fut
-        except _Expired:
-            check_listening(self.path)
-            raise Timeout(f"meshd on {self.path} did not answer {command} within {limit:g}s") from None
-        except zmq.ZMQError as exc:
-            raise DaemonUnavailable(f"lost the connection to meshd on {self.path}: {exc}") from exc
-        finally:
-            self._waiting.pop(req_id, None)
-
-    def _sweep(self) -> None:
-        """Fail the calls whose deadline has passed. One timer for all calls in flight is
-        much cheaper than a timeout handle per call when thousands are pipelined."""
-        assert self._loop is not None
-        now = self._loop.time()
-        keep = []
-        for deadline, req_id in self._deadlines:
-            fut = self._waiting.get(req_id)
-            if fut is None or fut.done():
-                continue
-            if deadline <= now:
-                fut.set_exception(_Expired())
-            else:
-                keep.append((deadline, req_id))
-        self._deadlines = keep
-        self._sweeper = self._loop.call_later(_SWEEP, self._sweep) if keep else None
-
-    async def close(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        if self._sock is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
-            self._sock.close(linger=0)
-        self._sock = None
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.cancel()
-        self._waiting.clear()
 
 
 class _AsyncBase:
@@ -214,17 +47,11 @@ class _AsyncBase:
         args = validate_args(op.command, op.args)
         assert self._client is not None
         if op.paged:
-            pages: list[Any] = []
-            offset = 0
-            for _ in range(ops.MAX_PAGES):
-                answer = await self._client.call(
-                    op.command, validate_args(op.command, op.page(offset)))
-                pages.append(answer)
-                offset += len(answer["items"])
-                if not answer["more"] or not answer["items"]:
-                    it = iter(pages)
-                    return op.convert(ops.collect_pages(lambda at: next(it)))
-            raise InvalidArgument(f"more than {ops.MAX_PAGES} pages: narrow the query")
+            pages = Pages()
+            while pages.feed(await self._client.call(
+                    op.command, validate_args(op.command, op.page(pages.offset)))):
+                pass
+            return op.convert(pages.items)
         return op.result(args, await self._client.call(op.command, args))
 
     async def close(self) -> None:
@@ -393,21 +220,19 @@ class AsyncCollaborationHub(_AsyncBase):
     async def ask(self, from_session: str, to_session: str, subject: str, body: str,
                   data: dict[str, Any] | None = None, timeout: float = 60.0) -> Message:
         """As CollaborationHub.ask: the RESPONSE to a REQUEST, or Timeout."""
+        wait = asking.Asking(from_session, to_session, timeout, step=1.0)
         stream = await self.subscribe(from_session, types=[MessageType.RESPONSE])
         try:
-            request = await self.send(from_session, to_session, MessageType.REQUEST, subject,
-                                      body, data)
-            deadline = time.monotonic() + timeout
-            while (remaining := deadline - time.monotonic()) > 0:
-                msg = await stream.next(timeout=min(remaining, 1.0))
-                if asking.answers(msg, request.message_id):
+            wait.sent(await self.send(from_session, to_session, MessageType.REQUEST, subject,
+                                      body, data), time.monotonic())
+            while (left := wait.wait(time.monotonic())) is not None:
+                msg = await stream.next(timeout=left)
+                if wait.answered(msg):
                     assert msg is not None
                     return msg
         finally:
             stream.close()
-        raise Timeout(f"no reply from {to_session} to {request.message_id} within "
-                      f"{timeout:g}s; the request was delivered and a late reply will be in "
-                      f"{from_session}'s inbox")
+        raise wait.expired()
 
     async def dispatch(self, from_session: str, capability: str, subject: str, body: str,
                        data: dict[str, Any] | None = None,

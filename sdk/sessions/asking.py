@@ -2,7 +2,8 @@
 
 `ask` is the mesh's version of Serf's query: a REQUEST goes out and the caller waits for
 the RESPONSE that replies to it (`in_reply_to`). The caller's inbox stream is opened
-before the request is sent, so an answer that comes back at once is not missed.
+before the request is sent, so an answer that comes back at once is not missed. The wait's
+decisions are `Asking`, without I/O; the blocking and asyncio hubs only carry them out.
 
 `dispatch` sends work to one session that can do it. Which one, in this order:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
+from meshd.errors import Timeout
 from sessions.models import Message, MessageType, Session, SessionStatus
 
 DISPATCH_PREFIX = "meshd:dispatch:"
@@ -98,3 +100,41 @@ def record_ops(from_session: str, capability: str, last: dict[str, float] | None
 def answers(msg: Message | None, request_id: str) -> bool:
     return (msg is not None and msg.in_reply_to == request_id
             and msg.type == MessageType.RESPONSE)
+
+
+class Asking:
+    """One ask's wait for its answer, without I/O: started when the request is sent, it
+    says how long to wait for the next message, which message is the answer, and the
+    Timeout to raise when the time is up. `step` caps each wait (the asyncio hub waits
+    in a worker thread, and a short step keeps it cancellable)."""
+
+    __slots__ = ("from_session", "to_session", "timeout", "step", "request_id", "deadline")
+
+    def __init__(self, from_session: str, to_session: str, timeout: float,
+                 step: float | None = None) -> None:
+        self.from_session = from_session
+        self.to_session = to_session
+        self.timeout = timeout
+        self.step = step
+        self.request_id: str | None = None
+        self.deadline = 0.0
+
+    def sent(self, request: Message, now: float) -> None:
+        """The request went out at `now`: the time allowed runs from here."""
+        self.request_id = request.message_id
+        self.deadline = now + self.timeout
+
+    def wait(self, now: float) -> float | None:
+        """Seconds to wait for the next message, or None when the time is up."""
+        remaining = self.deadline - now
+        if remaining <= 0:
+            return None
+        return remaining if self.step is None else min(remaining, self.step)
+
+    def answered(self, msg: Message | None) -> bool:
+        return self.request_id is not None and answers(msg, self.request_id)
+
+    def expired(self) -> Timeout:
+        return Timeout(f"no reply from {self.to_session} to {self.request_id} within "
+                       f"{self.timeout:g}s; the request was delivered and a late reply will "
+                       f"be in {self.from_session}'s inbox")

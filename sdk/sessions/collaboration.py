@@ -7,7 +7,6 @@ import threading
 import time
 from typing import Any, Callable
 
-from meshd.errors import Timeout
 from meshd.wire.schema import enum_value
 from sessions import _ops as ops
 from sessions import asking
@@ -66,21 +65,19 @@ class CollaborationHub:
         at most `timeout` seconds. Raises Timeout when none came; the request stays
         delivered (get_message_status tells where it stands) and a late reply still lands
         in the inbox. The mesh's version of Serf's query."""
+        wait = asking.Asking(from_session, to_session, timeout)
         stream = self.subscribe(from_session, types=[MessageType.RESPONSE])  # before sending
         try:
-            request = self.send(from_session, to_session, MessageType.REQUEST, subject, body,
-                                data)
-            deadline = time.monotonic() + timeout
-            while (remaining := deadline - time.monotonic()) > 0:
-                msg = stream.next(timeout=remaining)
-                if asking.answers(msg, request.message_id):
+            wait.sent(self.send(from_session, to_session, MessageType.REQUEST, subject, body,
+                                data), time.monotonic())
+            while (left := wait.wait(time.monotonic())) is not None:
+                msg = stream.next(timeout=left)
+                if wait.answered(msg):
                     assert msg is not None
                     return msg
         finally:
             stream.close()
-        raise Timeout(f"no reply from {to_session} to {request.message_id} within "
-                      f"{timeout:g}s; the request was delivered and a late reply will be in "
-                      f"{from_session}'s inbox")
+        raise wait.expired()
 
     def dispatch(self, from_session: str, capability: str, subject: str, body: str,
                  data: dict[str, Any] | None = None,

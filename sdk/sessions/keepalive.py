@@ -26,24 +26,46 @@ def _missing(session_id: str) -> NotFound:
     return NotFound(f"no session {session_id} to keep alive (register it first)")
 
 
-class KeepAlive:
+class _Pinging:
+    """What a keep-alive decides, apart from how it waits (a thread or a task): the
+    arguments it accepts, that a first ping finding no session is an error, and that a
+    later failure is logged and counted, never raised (the point is to outlive it)."""
+
+    def __init__(self, session_id: str, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.session_id = session_id
+        self.interval = float(interval)
+        self.pings = 0
+
+    def _first(self, found: bool) -> None:
+        """The first ping's answer: the session must exist."""
+        if not found:
+            raise _missing(self.session_id)
+        self.pings += 1
+
+    def _later(self, found: bool | MeshError) -> None:
+        """A later ping's answer, or the error it ran into."""
+        if isinstance(found, MeshError):
+            log.warning("keep-alive ping for %s failed, retrying: %s", self.session_id, found)
+        elif found:
+            self.pings += 1
+        else:
+            log.warning("keep-alive: session %s is not registered any more", self.session_id)
+
+
+class KeepAlive(_Pinging):
     """Pings `session_id` every `interval` seconds from a daemon thread."""
 
     def __init__(self, ping: Callable[[str], bool], session_id: str,
                  interval: float = DEFAULT_INTERVAL) -> None:
-        if interval <= 0:
-            raise ValueError("interval must be positive")
+        super().__init__(session_id, interval)
         self._ping = ping
-        self.session_id = session_id
-        self.interval = float(interval)
-        self.pings = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "KeepAlive":
-        if not self._ping(self.session_id):
-            raise _missing(self.session_id)
-        self.pings += 1
+        self._first(self._ping(self.session_id))
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"sessions-keepalive-{self.session_id}")
@@ -53,13 +75,10 @@ class KeepAlive:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if self._ping(self.session_id):
-                    self.pings += 1
-                else:
-                    log.warning("keep-alive: session %s is not registered any more",
-                                self.session_id)
+                found: bool | MeshError = self._ping(self.session_id)
             except MeshError as exc:
-                log.warning("keep-alive ping for %s failed, retrying: %s", self.session_id, exc)
+                found = exc
+            self._later(found)
 
     def stop(self) -> None:
         self._stop.set()
@@ -78,23 +97,17 @@ class KeepAlive:
         self.stop()
 
 
-class AsyncKeepAlive:
+class AsyncKeepAlive(_Pinging):
     """The asyncio twin: a task on the running loop; `async with registry.keepalive(id):`."""
 
     def __init__(self, ping: Callable[[str], Awaitable[bool]], session_id: str,
                  interval: float = DEFAULT_INTERVAL) -> None:
-        if interval <= 0:
-            raise ValueError("interval must be positive")
+        super().__init__(session_id, interval)
         self._ping = ping
-        self.session_id = session_id
-        self.interval = float(interval)
-        self.pings = 0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> "AsyncKeepAlive":
-        if not await self._ping(self.session_id):
-            raise _missing(self.session_id)
-        self.pings += 1
+        self._first(await self._ping(self.session_id))
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
@@ -102,10 +115,10 @@ class AsyncKeepAlive:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                if await self._ping(self.session_id):
-                    self.pings += 1
+                found: bool | MeshError = await self._ping(self.session_id)
             except MeshError as exc:
-                log.warning("keep-alive ping for %s failed, retrying: %s", self.session_id, exc)
+                found = exc
+            self._later(found)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -115,6 +128,10 @@ class AsyncKeepAlive:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     async def __aenter__(self) -> "AsyncKeepAlive":
         return await self.start()

@@ -19,6 +19,7 @@ import zmq
 
 from support.daemons import Daemon, eventually, peer_states, run_cli, wait_converged
 from support.mesh import wait_same_state
+from meshd.state.commands import Commands
 from meshd.wire.peer import frame_limit
 
 
@@ -241,9 +242,10 @@ def test_a_new_empty_node_receives_100k_entries(make_daemon, short_tmp):
                  log_path=str(short_tmp / "big.log"),
                  args=["--bind", "127.0.0.30:0", "--max-frame", str(256 * 1024)])
     store = Store(big.data_dir)
+    run = Commands(store).run
     with store.write():
         for i in range(100_000):
-            store.execute("memory.set", validate_args("memory.set", {"entry": {
+            run("memory.set", validate_args("memory.set", {"entry": {
                 "entry_id": f"bulk-{i}", "type": "fact", "key": f"bulk/{i % 1000}",
                 "value": {"i": i, "pad": "x" * 40}, "session_id": "loader",
                 "timestamp": "2026-11-25T00:00:00+00:00", "ttl": None,

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import pytest
 
 from support.daemons import Daemon, eventually, peer_states, wait_converged
+from meshd.state.outbox import Outbox
+from meshd.state.commands import Commands
 from meshd.state import Store, replication
 from meshd.wire import records
 from meshd.wire.ipc import validate_args
@@ -161,14 +163,14 @@ def test_a_member_that_is_down_holds_back_what_it_lacks(make_cluster, how):
 
 def run(store: Store, command: str, **args: Any) -> Any:
     with store.write():
-        return store.execute(command, validate_args(command, args))
+        return Commands(store).execute(command, validate_args(command, args))
 
 
 def ship(src: Store, dst: Store, origin: str, after: int = 0) -> None:
     """src's records of `origin` above `after` merged into dst, as one RECORDS batch."""
     recs, through = replication.export(src, origin, after, 1000)
     with dst.write():
-        replication.apply(dst, origin, after, through, [records.record(r) for r in recs])
+        replication.apply(dst, Outbox(dst), origin, after, through, [records.record(r) for r in recs])
 
 
 def test_a_late_stale_copy_is_refused_after_collection(tmp_path):
@@ -186,7 +188,7 @@ def test_a_late_stale_copy_is_refused_after_collection(tmp_path):
         with s.write():
             assert replication.collect_sessions(s, s.hlc.now(), everyone) == 1
     with b.write():                                      # a's old register, late
-        replication.apply(b, a.node_id, 0, 1, [records.record(r) for r in stale])
+        replication.apply(b, Outbox(b), a.node_id, 0, 1, [records.record(r) for r in stale])
     assert run(b, "session.list", include_offline=True) == []
     run(a, "session.register", session_id="s", agent_name="S2", agent_type="gpt")
     ship(a, b, a.node_id, after=1)

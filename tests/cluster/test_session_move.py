@@ -10,9 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 from support.daemons import Daemon, eventually, peer_states, wait_converged
-from meshd.state import messages as state_messages
+from meshd.state import mail
 from meshd.state import replication
 from meshd.state import sessions as state_sessions
+from meshd.state.outbox import Outbox
 from meshd.state.store import Store
 
 
@@ -137,19 +138,19 @@ def sync(src: Store, dst: Store) -> None:
         with src.read():
             records, through = replication.export(src, origin, after, 10_000)
         with dst.write():
-            replication.apply(dst, origin, after, through, records)
+            replication.apply(dst, Outbox(dst), origin, after, through, records)
 
 
 def route(src: Store, dst: Store, lane: int = 1) -> None:
     """Deliver what src queued for dst, and acknowledge it (what the routers do)."""
     with src.read():
-        items = state_messages.outbox_items(src, dst.node_id, lane, 0, 10_000)
+        items = Outbox(src).items(dst.node_id, lane, 0, 10_000)
     if items:
         with dst.write():
-            through, _ = state_messages.deliver_routed(dst, src.node_id, lane, items[0][0],
+            through, _ = Outbox(dst).deliver(src.node_id, lane, items[0][0],
                                                        items)
         with src.write():
-            state_messages.outbox_acked(src, dst.node_id, lane, through)
+            Outbox(src).acked(dst.node_id, lane, through)
 
 
 def send(store: Store, frm: str, to: str, subject: str) -> str:
@@ -157,13 +158,13 @@ def send(store: Store, frm: str, to: str, subject: str) -> str:
          "to_session": to, "subject": subject, "body": "b", "data": {}, "timestamp": "t",
          "in_reply_to": None, "priority": "normal"}
     with store.write():
-        state_messages.send(store, {"message": m})
+        mail.send(store, Outbox(store), {"message": m})
     return m["message_id"]
 
 
 def subjects(store: Store, sid: str) -> list[str]:
     with store.read():
-        return [m["subject"] for m in state_messages.list_inbox(
+        return [m["subject"] for m in mail.list_inbox(
             store, {"session_id": sid, "include_broadcasts": True, "message_type": None,
                     "unread_only": False})]
 
@@ -199,7 +200,7 @@ def test_state_expired_forwards_are_reported(tmp_path):
     register(c, "mover")
     sync(c, b)                       # b forwards m1 to c, which never takes it
     with b.write():
-        gone = state_messages.expire_outbox(b, 10**9, 0)     # (over the size bound)
+        gone = Outbox(b).expire(10**9, 0)     # (over the size bound)
     assert [(dest, kind) for _, dest, kind in gone] == [(c.node_id, "fwd")]
 
 
@@ -216,6 +217,6 @@ def test_state_a_forged_forward_cannot_put_a_message_in_another_inbox(tmp_path):
               "timestamp": "t", "in_reply_to": None, "priority": "normal",
               "origin": a.node_id, "hlc": 1}
     with b.write():
-        state_messages.deliver_routed(b, "c" * 32, 1, 1, [[1, "fwd", forged]])
+        Outbox(b).deliver("c" * 32, 1, 1, [[1, "fwd", forged]])
     assert subjects(b, "victim") == []
     assert subjects(b, "other") == ["for other"]

@@ -32,24 +32,26 @@ from meshd.state.journal import Journal
 CRASHER = r"""
 import json, os, sys
 from meshd.state import Store
+from meshd.state.outbox import Outbox
+from meshd.state.pipeline import WritePipeline
 from meshd.wire.ipc import validate_args
 data_dir, committed, frames, per_frame, size, split = sys.argv[1], *map(int, sys.argv[2:])
 store = Store(data_dir, exclusive=True)
-store.enable_journal(fsync=False)
+pipeline = WritePipeline(store, Outbox(store))
+pipeline.replay()
 def entry(i):
     return validate_args("memory.set", {"entry": {
         "entry_id": f"e{i}", "type": "state", "key": f"k{i}", "value": f"{i:06d}" + "v" * size,
         "session_id": "s", "timestamp": "t", "ttl": None, "tags": ["x"], "metadata": {}}})
-store.journal.append([store.log_write("memory.set", entry(i)) for i in range(committed)])
-store.flush()
+pipeline.append([pipeline.log("memory.set", entry(i)) for i in range(committed)])
+pipeline.flush()
 ends, i = [], committed
 for f in range(frames):
     if f == split:
-        assert store.hand_off()
-    store.journal.append([store.log_write("memory.set", entry(j))
-                          for j in range(i, i + per_frame)])
+        assert pipeline.hand_off()
+    pipeline.append([pipeline.log("memory.set", entry(j)) for j in range(i, i + per_frame)])
     i += per_frame
-    ends.append(os.fstat(store.journal.fds[store.journal.active]).st_size)
+    ends.append(os.fstat(pipeline.journal.fds[pipeline.journal.active]).st_size)
 print(json.dumps(ends), flush=True)
 os._exit(0)
 """
@@ -57,12 +59,14 @@ os._exit(0)
 #: One big transaction and no checkpoint, then death: the WAL stays as large as it grew.
 BIG_WAL = r"""
 import os, sys
-from meshd.state import Store, commands
+from meshd.state import Store
+from meshd.state.commands import Commands
 from meshd.wire.ipc import validate_args
 store = Store(sys.argv[1], exclusive=True)
+run = Commands(store).run
 with store.write():
     for i in range(int(sys.argv[2])):
-        commands.run(store, "memory.set", validate_args("memory.set", {"entry": {
+        run("memory.set", validate_args("memory.set", {"entry": {
             "entry_id": f"b{i}", "type": "state", "key": f"b{i}", "value": "w" * 2000,
             "session_id": "s", "timestamp": "t", "ttl": None, "tags": [], "metadata": {}}}))
 os._exit(0)

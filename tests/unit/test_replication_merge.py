@@ -10,6 +10,8 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshd.state.commands import Commands
+from meshd.state.outbox import Outbox
 from meshd.state import Store, replication
 from meshd.wire import records
 from meshd.wire.ipc import validate_args
@@ -30,9 +32,14 @@ op = st.one_of(
 )
 
 
+def execute(store, command, args):
+    """A validated command in its own transaction, as the SDK's directory mode runs it."""
+    return Commands(store).execute(command, args)
+
+
 def run(store: Store, command: str, **args) -> None:
     with store.write():
-        store.execute(command, validate_args(command, args))
+        execute(store, command, validate_args(command, args))
 
 
 _ids = iter(range(10**9))
@@ -65,14 +72,14 @@ def do(store: Store, o: tuple) -> None:
 def visible(store: Store) -> tuple:
     sessions = sorted((s["session_id"], s["agent_type"], s["status"], s["host"],
                        tuple(s["capabilities"]))
-                      for s in store.execute("session.list", {"include_offline": True}))
+                      for s in execute(store, "session.list", {"include_offline": True}))
     entries = []
     for k in KEYS:
-        for e in store.execute("memory.get_all", {"key": k}):
+        for e in execute(store, "memory.get_all", {"key": k}):
             entries.append((e["entry_id"], e["key"], e["value"], e["session_id"], tuple(e["tags"])))
-    tags = {t: sorted(e["entry_id"] for e in store.execute(
+    tags = {t: sorted(e["entry_id"] for e in execute(store, 
         "memory.by_tags", {"tags": [t], "match_all": False})) for t in ("a", "b")}
-    found = sorted(s["session_id"] for s in store.execute(
+    found = sorted(s["session_id"] for s in execute(store, 
         "session.find", {"status": None, "agent_type": None, "human_user": None,
                          "capability": "python"}))
     return sessions, sorted(entries), tags, found
@@ -95,7 +102,7 @@ def ship(src: Store, dst: Store, limit: int) -> None:
         for _ in range(10_000):
             recs, through = replication.export(src, origin, after, limit)
             with dst.write():
-                replication.apply(dst, origin, after, through,
+                replication.apply(dst, Outbox(dst), origin, after, through,
                                   [records.record(r) for r in recs])
             if through <= after:
                 break
@@ -130,7 +137,7 @@ def test_merge_is_order_duplicate_and_grouping_insensitive(ops, seed, limit):
         rng.shuffle(pile)
         for origin, rec in pile:
             with late.write():
-                replication.apply(late, origin, 10**9, 0, [rec])
+                replication.apply(late, Outbox(late), origin, 10**9, 0, [rec])
         assert visible(late) == states[0]
         # and digests agree once everyone has everything
         digests = [{o: v for o, v in replication.digest(n).items() if v} for n in nodes]
@@ -154,8 +161,8 @@ def test_a_deletion_is_not_undone_by_a_late_entry(tmp_path):
     ship(b, c, 10)
     recs, through = replication.export(a, a.node_id, 0, 10)
     with c.write():
-        replication.apply(c, a.node_id, 0, through, [records.record(r) for r in recs])
-    assert c.execute("memory.get_all", {"key": "k"}) == []
+        replication.apply(c, Outbox(c), a.node_id, 0, through, [records.record(r) for r in recs])
+    assert execute(c, "memory.get_all", {"key": "k"}) == []
 
 
 def test_knowledge_never_skips_a_gap(tmp_path):
@@ -166,11 +173,11 @@ def test_knowledge_never_skips_a_gap(tmp_path):
                                     "ttl": None, "tags": [], "metadata": {}})
     recs, through = replication.export(a, a.node_id, 3, 10)      # versions 4..5 only
     with b.write():
-        replication.apply(b, a.node_id, 3, through, [records.record(r) for r in recs])
+        replication.apply(b, Outbox(b), a.node_id, 3, through, [records.record(r) for r in recs])
     assert replication.digest(b).get(a.node_id, 0) == 0             # 1..3 still missing
     ship(a, b, 2)
     assert replication.digest(b)[a.node_id] == replication.digest(a)[a.node_id]
-    assert len(b.execute("memory.get_all", {"key": "k"})) == 5
+    assert len(execute(b, "memory.get_all", {"key": "k"})) == 5
 
 
 def test_bad_records_are_rejected_by_validation():
@@ -203,8 +210,8 @@ def test_an_entry_id_held_with_another_stamp_keeps_its_own_tags(tmp_path):
                                "tags": tags, "metadata": {}, "origin": other,
                                "version": version, "hlc": hlc + 1000 + version})
     with store.write():
-        replication.apply(store, other, 0, 2, [entry("E", 1, ["y"]), entry("F", 2, ["y"])])
-    by = {t: sorted(e["entry_id"] for e in store.execute(
+        replication.apply(store, Outbox(store), other, 0, 2, [entry("E", 1, ["y"]), entry("F", 2, ["y"])])
+    by = {t: sorted(e["entry_id"] for e in execute(store, 
         "memory.by_tags", {"tags": [t], "match_all": True})) for t in ("x", "y")}
     assert by == {"x": ["E"], "y": ["F"]}
     run(store, "memory.delete", key="k")

@@ -100,6 +100,101 @@ def test_frames_go_through_the_codec_and_bad_ones_are_dropped_and_counted():
     simulate(2, scenario, start=False)
 
 
+# --- the loop helpers: periodic rounds and socket drains -----------------------------------
+
+def test_a_periodic_task_keeps_its_schedule_survives_a_failing_round_and_stops():
+    import asyncio
+
+    from meshd.mesh.periodic import Periodic
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        seen: dict[str, list[float]] = {"rate": [], "delay": [], "adaptive": []}
+
+        async def slow() -> None:                 # a probe that waits 0.3 s for its ACK
+            seen["rate"].append(loop.time())
+            await asyncio.sleep(0.3)
+
+        def flaky() -> int:
+            seen["delay"].append(loop.time())
+            if len(seen["delay"]) == 2:
+                raise RuntimeError("one bad round")
+            return 42                             # not a wait: adaptive is off
+
+        def backoff() -> float:
+            seen["adaptive"].append(loop.time())
+            return 0.5 * len(seen["adaptive"])
+
+        tasks = [Periodic(slow, 1.0, what="rate", first=0.0, fixed_rate=True),
+                 Periodic(flaky, 1.0, what="delay"),
+                 Periodic(backoff, 1.0, what="adaptive", adaptive=True)]
+        t0 = loop.time()
+        for t in tasks:
+            t.start()
+        await asyncio.sleep(3.6)
+        for t in tasks:
+            await t.stop()
+        assert not any(t.running for t in tasks)
+        await asyncio.sleep(5)                    # stopped means stopped
+        return {k: [round(x - t0, 3) for x in v] for k, v in seen.items()} | {
+            "failures": [t.failures for t in tasks]}
+
+    out = simclock.run(main, real_budget=2.0)
+    assert out["rate"] == [0.0, 1.0, 2.0, 3.0]     # from each start, not each end
+    assert out["delay"] == [1.0, 2.0, 3.0]         # sleeps first; the failure cost a round
+    assert out["adaptive"] == [1.0, 1.5, 2.5]      # each round names the next wait
+    assert out["failures"] == [0, 1, 0]
+
+
+def test_a_socket_drain_is_bounded_per_turn_and_a_poison_message_stops_nothing():
+    import asyncio
+
+    import zmq
+
+    from meshd.mesh.drain import SocketDrain
+
+    async def main() -> None:
+        ctx = zmq.Context()
+        rx, tx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        rx.bind("inproc://drain-test")
+        tx.connect("inproc://drain-test")
+        got: list[bytes] = []
+        turns: list[int] = []
+
+        def handle(msg: list[bytes]) -> None:
+            if msg[0] == b"poison":
+                raise ValueError("a frame the handler chokes on")
+            got.append(msg[0])
+
+        def batch(msgs: list[list[bytes]]) -> None:
+            turns.append(len(msgs))
+            for m in msgs:
+                handle(m)
+
+        for i in range(25):
+            tx.send(b"poison" if i == 3 else b"%d" % i)
+        one = SocketDrain(rx, on_message=handle, max_count=10, name="test")
+        one.start()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(got) == 24 and one.counters["failed"] == 1
+        assert one.counters["turns"] >= 3                     # 10 at most per loop turn
+        one.stop()
+        for i in range(25):
+            tx.send(b"poison" if i == 12 else b"%d" % i)
+        many = SocketDrain(rx, on_batch=batch, max_count=10, name="test")
+        many.start()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        many.stop()
+        assert turns == [10, 10, 5] and many.counters["failed"] == 1   # its batch only
+        assert len(got) == 24 + 25 - 8       # the rest of the poisoned batch went with it
+        rx.close(0)
+        tx.close(0)
+        ctx.term()
+    asyncio.run(main())
+
+
 # --- precedence: what news overrides what (direct apply() calls) ---------------------------
 
 # (what A held of B, relative to B's incarnation i), news, (what A holds after)

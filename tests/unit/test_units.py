@@ -7,11 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd.state.commands import Commands
+from meshd.state.outbox import Outbox
 from meshd.errors import InvalidArgument, ProtocolError, TooLarge, UnknownCommand, UnsupportedVersion
 from meshd.state import Store
 from meshd.state.hlc import HLC, physical_ms
 from meshd.wire import codec
 from meshd.wire.ipc import decode_request, encode_request, validate_args
+
+
+def execute(store, command, args):
+    """A validated command in its own transaction, as the SDK's directory mode runs it."""
+    return Commands(store).execute(command, args)
 
 
 def test_unpack_rejects_oversize_before_decoding():
@@ -93,7 +100,7 @@ def test_store_keeps_identity_and_counters_across_reopen(tmp_path):
     s = Store(tmp_path)
     node, v0 = s.node_id, s.version
     with s.write():
-        s.execute("session.register", _args("session.register", session_id="a",
+        execute(s, "session.register", _args("session.register", session_id="a",
                                              agent_name="A", agent_type="T"))
     v1 = s.version
     assert v1 == v0 + 1
@@ -102,7 +109,7 @@ def test_store_keeps_identity_and_counters_across_reopen(tmp_path):
     with s2.write():
         pass
     assert s2.node_id == node and s2.version == v1
-    assert s2.execute("session.get", _args("session.get", session_id="a"))["host"] == node
+    assert execute(s2, "session.get", _args("session.get", session_id="a"))["host"] == node
 
 
 def test_failed_request_in_savepoint_leaves_nothing(tmp_path):
@@ -112,10 +119,10 @@ def test_failed_request_in_savepoint_leaves_nothing(tmp_path):
     with s.write():
         with pytest.raises(RuntimeError):
             with s.savepoint():       # (to an unknown id: stored, waiting for it)
-                s.execute("message.send", _args("message.send", message=msg))
+                execute(s, "message.send", _args("message.send", message=msg))
                 raise RuntimeError("a later step of the same request failed")
-    assert s.execute("message.stats", {})["total_messages"] == 0
-    assert s.execute("message.list", _args("message.list", session_id="nobody")) == []
+    assert execute(s, "message.stats", {})["total_messages"] == 0
+    assert execute(s, "message.list", _args("message.list", session_id="nobody")) == []
     assert s.take_events() == []
 
 
@@ -137,7 +144,7 @@ def test_reads_use_indexes(tmp_path):
 def test_router_cache_counts_data_and_non_ascii_text():
     """The send cache's byte bound must see what a message really holds: its data, and
     text that is not ASCII at up to 4 bytes a character."""
-    from meshd.mesh.router import _item_bytes
+    from meshd.mesh.routequeue import item_bytes as _item_bytes
     plain = [1, "msg", {"body": "x" * 1000, "subject": "s", "data": {}}]
     wide = [1, "msg", {"body": "é" * 1000, "subject": "s", "data": {}}]
     heavy = [1, "msg", {"body": "", "subject": "s", "data": {"blob": "y" * 1_000_000}}]
