@@ -64,7 +64,8 @@ class Router:
 
     def __init__(self, config: Config, store: Store, outbox: Outbox, membership: Membership,
                  transport: Transport, pipeline: WritePipeline | None = None,
-                 on_delivered: Callable[[], None] | None = None) -> None:
+                 on_delivered: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.store = store
         self.outbox = outbox
@@ -73,6 +74,8 @@ class Router:
         self.transport = transport
         self.counters: Counter[str] = Counter()
         self.on_delivered = on_delivered or (lambda: None)
+        self.clock = clock              # the loop's clock (a virtual one in simulations)
+        self._reopened: set[tuple[str, int]] = set()   # queues whose window has room again
         self._queues: dict[tuple[str, int], RouteQueue] = {}
         self._scheduled = False
         self._full_scheduled = False
@@ -155,7 +158,11 @@ class Router:
     def send_new(self) -> None:
         """After a commit, an ack, or sends just journaled: send what is new, from memory,
         to queues in order (high-priority lanes first)."""
-        for key in sorted(self._take_committed(), key=lambda k: k[1]):
+        touched = self._take_committed()
+        if self._reopened:
+            touched |= self._reopened
+            self._reopened = set()
+        for key in sorted(touched, key=lambda k: k[1]):
             q = self._queues.get(key)
             m = self.membership.members.get(key[0])
             if q is not None and m is not None and m.up:
@@ -166,7 +173,7 @@ class Router:
         that got no answer in time, and send what the fast path could not."""
         self._full_scheduled = False
         self._take_committed()
-        now = time.monotonic()
+        now = self.clock()
         with self.store.read(fold=False):
             queues = self.outbox.destinations()
         for dest, lane, _count, first, last, _oldest in queues:
@@ -205,7 +212,7 @@ class Router:
             q.sent = items[-1][0]
             q.frames += 1
             if q.resend_at == _NEVER:
-                q.resend_at = time.monotonic() + q.backoff
+                q.resend_at = self.clock() + q.backoff
 
     def _next_items(self, dest: str, lane: int, q: RouteQueue) -> list[list[Any]]:
         """Up to `route_batch` items above `q.sent`: from the cache while it has them in
@@ -262,9 +269,10 @@ class Router:
             q.gap_resent = False
             q.backoff = self.config.route_retry
             q.resend_at = (_NEVER if q.sent <= through
-                           else time.monotonic() + self.config.route_retry)
-            if q.sent < q.last:
-                self.committed()                      # the window has room again
+                           else self.clock() + self.config.route_retry)
+            if q.sent < q.last:                       # the window has room again
+                self._reopened.add(key)
+                self.committed()
         elif through == q.first - 1 and through < q.sent and not q.gap_resent:
             # Nothing new applied while items are out: a gap at the destination (a frame
             # was lost). Send the run again from the outbox now, once until progress.

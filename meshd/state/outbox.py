@@ -69,16 +69,21 @@ class Outbox:
         me = store.node_id
         with store.lock:
             if to_session is not None:
-                r = store.conn.execute(
-                    "SELECT host FROM sessions WHERE session_id = ? AND deleted = 0",
-                    (to_session,)).fetchone()
-                found: tuple[str, ...] = (r[0],) if r is not None and r[0] != me else ()
+                host = self.host_of(to_session)
+                found: tuple[str, ...] = (host,) if host is not None and host != me else ()
             else:
                 found = tuple(r[0] for r in store.conn.execute(
                     "SELECT DISTINCT host FROM sessions WHERE deleted = 0 AND host != ?", (me,)))
         if cached:
             self._hosts[to_session] = found
         return found
+
+    def host_of(self, session_id: str) -> str | None:
+        """The daemon hosting a session (this one's id when it is here); None when no
+        daemon is known to (never registered, or forgotten)."""
+        r = self.store.conn.execute("SELECT host FROM sessions WHERE session_id = ? "
+                                    "AND deleted = 0", (session_id,)).fetchone()
+        return None if r is None else str(r[0])
 
     def plan(self, m: dict[str, Any], hlc: int) -> tuple[list[list[Any]], list[Routed]]:
         """Loop thread, when a send is journaled: decide now which daemons the message goes
@@ -330,11 +335,9 @@ class Outbox:
         if forwarded and to is None:
             return False                     # only direct messages are forwarded
         if to is not None:
-            r = store.conn.execute("SELECT host FROM sessions WHERE session_id = ? "
-                                   "AND deleted = 0", (to,)).fetchone()
-            if r is None:
+            host = self.host_of(to)
+            if host is None:
                 return False
-            host = r[0]
         cur = mail.insert(store, m, m["origin"], m["hlc"], m["priority"])
         if cur.rowcount == 0:
             # Already here (a duplicate id): never twice in an inbox, and only in the inbox
