@@ -51,6 +51,10 @@ class Config:
     stream_client_bytes: int = 8 * MiB    # ... and over the streams of one connection
     stream_max_per_client: int = 64       # open streams per client connection
     stream_max_total: int = 4096          # open streams in all
+    # --- memory change events (memory.watch, memory.history) ------------------------------
+    memory_log_max_rows: int = 100_000    # events kept for watchers; the oldest are trimmed
+                                          # (a watcher resuming below them gets a gap event)
+    memory_history_per_key: int = 50      # versions memory.history keeps per key
     # --- housekeeping ------------------------------------------------------------------
     expiry_interval: float = 5.0          # s between purges of TTL-expired memory entries
     checkpoint_interval: float = 1.0      # s between WAL checkpoints, made by the fold
@@ -123,6 +127,16 @@ class Config:
     outbox_max_age: float = 7 * 86400.0   # s a message may wait for its host, then expires
     outbox_max: int = 100_000             # items queued per destination, then the oldest expire
     outbox_check_interval: float = 60.0   # s between expiry checks
+    # --- claims (leases with fencing tokens; see docs/claims.md) ----------------------
+    voters: tuple[str, ...] = ()          # peer addresses ("host:port") of the claim voters,
+                                          # the same list on every daemon (3 or 5); () =
+                                          # claims for this host's sessions only
+    claim_max_ttl: float = 300.0          # s, longest lease TTL (D_P bound): a restarted
+                                          # voter sits out this long (its quarantine)
+    claim_drift: float = 0.01             # rho: bound on any clock's rate error (1 %)
+    claim_timeout: float = 1.0            # s a claim round waits for a majority
+    claim_renew_fraction: float = 1 / 3   # renew a held lease after this part of its TTL
+    claim_max_resources: int = 100_000    # resources one voter tracks; more are refused
 
     @classmethod
     def lan(cls, **overrides: object) -> "Config":
@@ -139,7 +153,8 @@ class Config:
                        join_retry_max=1.0, leave_grace=0.1, reap_after=60.0,
                        tombstone_min_age=2.0, tombstone_gc_interval=1.0, route_tick=0.1,
                        route_retry=0.3, route_retry_max=2.0, outbox_check_interval=0.5,
-                       discovery_evict_after=2.0, candidate_timeout=1.0, transient_idle=2.0)
+                       discovery_evict_after=2.0, candidate_timeout=1.0, transient_idle=2.0,
+                       claim_max_ttl=5.0, claim_timeout=0.5)
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def with_(self, **overrides: object) -> "Config":

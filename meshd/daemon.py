@@ -19,6 +19,7 @@ from meshd import __version__
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.ipc.server import IPCServer
+from meshd.mesh.claims import Claims, HostClaims
 from meshd.mesh.node import Mesh
 from meshd.mesh.periodic import Periodic, stop_all
 from meshd.sdnotify import notify
@@ -46,6 +47,7 @@ class Daemon:
         self.store: Store | None = None
         self.outbox: Outbox | None = None
         self.pipeline: WritePipeline | None = None
+        self.claims: Claims | None = None
         self.ipc: IPCServer | None = None
         self.mesh: Mesh | None = None
         self._ctx: zmq.asyncio.Context | None = None
@@ -71,12 +73,18 @@ class Daemon:
             self.mesh = Mesh(cfg, self.store, zmq.Context.shadow(self._ctx.underlying),
                              self.outbox, self.pipeline, on_delivered=self._delivered)
             await self.mesh.start()
+        # Claims: granted by a majority of the voters when there are some (the mesh's),
+        # else by this daemon for its own sessions (host scope).
+        mesh_claims = self.mesh.claims if self.mesh is not None else None
+        self.claims = mesh_claims or HostClaims(cfg, self.store, self._hosted_here)
+        if mesh_claims is None:
+            self.claims.start()
         self.ipc = IPCServer(cfg, self.store, self._ctx, self.info,
                              Commands(self.store, self.outbox), self.pipeline,
                              peers=self.mesh.peers if self.mesh else None,
                              on_commit=self.mesh.committed if self.mesh else None,
                              on_journaled=self.mesh.router.send_new if self.mesh else None,
-                             control=self.control)
+                             control=self.control, claims=self.claims)
         await self.ipc.start()
         self._every(self._housekeeping, cfg.expiry_interval, "housekeeping")
         log.info("meshd %s ready: node %s, data in %s, durability=%s, peers on %s",
@@ -89,6 +97,12 @@ class Daemon:
                         "(meshd --gen-key FILE), copy it to every host and start each "
                         "daemon with --key-file FILE (or bind to 127.0.0.1)",
                         self.mesh.address)
+
+    def _hosted_here(self, session_id: str) -> bool:
+        """Whether a session is registered through this daemon (host-scope claims)."""
+        assert self.store is not None and self.outbox is not None
+        with self.store.read(fold=False):
+            return self.outbox.host_of(session_id) == self.store.node_id
 
     def _delivered(self) -> None:
         """Messages routed here landed in local inboxes: live streams push them."""
@@ -159,6 +173,9 @@ class Daemon:
         """Reverse order of start: stop serving, stop timers, close the store."""
         await stop_all(*self._timers)
         self._timers = []
+        if self.claims is not None and (self.mesh is None or self.mesh.claims is None):
+            await self.claims.stop()          # (the mesh stops its own)
+        self.claims = None
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None

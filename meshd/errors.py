@@ -10,7 +10,10 @@
     ├── StoreError                      the local database failed
     ├── DaemonUnavailable (ConnectionError)  no daemon answers on the socket
     ├── Timeout (TimeoutError)          no answer before the call's deadline
-    └── RemoteError                     an error code this side does not know
+    ├── RemoteError                     an error code this side does not know
+    ├── ClaimBusy                       a claim is held by another session
+    ├── NoQuorum                        no majority of the voters answered in time
+    └── LeaseLost                       a lease to renew is gone (lapsed or taken)
 
 The codes travel over IPC, so an error raised in the daemon is re-raised as the same
 class in the client. Leaf module: stdlib only.
@@ -85,11 +88,38 @@ class RemoteError(MeshError):
     code = "remote_error"
 
 
+class ClaimBusy(MeshError):
+    """The resource is claimed by another session: names the holder and how long its
+    lease may still run at most (it may be released or renewed meanwhile)."""
+
+    code = "claim_busy"
+
+    def __init__(self, message: str = "", holder: str = "", expires_in: float = 0.0) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.expires_in = expires_in
+
+
+class NoQuorum(MeshError):
+    """No majority of the claim voters answered in time; nothing was granted (a claim
+    under a partition is granted only on the majority side)."""
+
+    code = "no_quorum"
+
+
+class LeaseLost(MeshError):
+    """The lease is gone: it lapsed, was released, or another session holds the resource
+    now. The holder must stop acting on it."""
+
+    code = "lease_lost"
+
+
 _BY_CODE: dict[str, type[MeshError]] = {
     cls.code: cls
     for cls in (
         MeshError, InvalidArgument, TooLarge, NotFound, ProtocolError, UnsupportedVersion,
         UnknownCommand, StoreError, DaemonUnavailable, Timeout, RemoteError,
+        ClaimBusy, NoQuorum, LeaseLost,
     )
 }
 

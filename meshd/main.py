@@ -89,6 +89,18 @@ def _setup_logging(level: str) -> None:
               envvar="MESHD_STALE_AFTER",
               help="Seconds without a ping before a session reads OFFLINE (default 300) "
                    "[env MESHD_STALE_AFTER].")
+@click.option("--memory-log-max", type=click.IntRange(1), default=None, metavar="N",
+              envvar="MESHD_MEMORY_LOG_MAX",
+              help="Memory change events kept for watchers (default 100000); the oldest "
+                   "are trimmed [env MESHD_MEMORY_LOG_MAX].")
+@click.option("--memory-history", type=click.IntRange(0), default=None, metavar="N",
+              envvar="MESHD_MEMORY_HISTORY",
+              help="Versions memory-history keeps per key (default 50) "
+                   "[env MESHD_MEMORY_HISTORY].")
+@click.option("--voters", envvar="MESHD_VOTERS", default=None, metavar="HOST:PORT,...",
+              help="Peer addresses of the 3 (or 5) daemons that vote on claims, the same "
+                   "list on every daemon; without it claims are per host "
+                   "(docs/claims.md) [env MESHD_VOTERS].")
 @click.option("--no-mesh", is_flag=True,
               help="Serve this host only: no peer port, no replication.")
 @click.option("--preset", type=click.Choice(["lan", "test"]), default="lan", show_default=True,
@@ -101,7 +113,8 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
          cluster: str | None, interfaces: tuple[str, ...], discovery: bool,
          discovery_max_peers: int | None, discovery_max_resolves: int | None,
          key_file: str | None, gen_key: str | None, outbox_max_age: float | None,
-         stale_after: float | None, no_mesh: bool, preset: str, log_level: str) -> None:
+         stale_after: float | None, memory_log_max: int | None, memory_history: int | None,
+         voters: str | None, no_mesh: bool, preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
     from meshd.mesh.security import generate_key_file, load_key
@@ -156,6 +169,10 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         overrides["outbox_max_age"] = outbox_max_age
     if stale_after is not None:
         overrides["session_stale_after"] = stale_after
+    if memory_log_max is not None:
+        overrides["memory_log_max_rows"] = memory_log_max
+    if memory_history is not None:
+        overrides["memory_history_per_key"] = memory_history
     if key_file is None and "MESHD_KEY_FILE" in os.environ:
         key_file = os.environ["MESHD_KEY_FILE"]  # (click drops an empty one: refused below)
     if key_file is not None:                     # an empty value is refused, not "no key"
@@ -170,6 +187,16 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
                 parse_address(addr)
             except MeshError as exc:
                 raise click.BadParameter(str(exc), param_hint=hint) from None
+    if voters:
+        from meshd.mesh.claims import check_voters
+        try:
+            overrides["voters"] = check_voters(
+                [v.strip() for v in voters.split(",") if v.strip()])
+        except MeshError as exc:
+            raise click.BadParameter(str(exc), param_hint="--voters") from None
+        if no_mesh:
+            raise click.BadParameter("claims voters need the mesh (drop --no-mesh)",
+                                     param_hint="--voters")
     config = base.with_(**overrides)
     try:
         # Before the store opens and the mesh starts: a socket directory another user

@@ -86,7 +86,8 @@ class StoreBatches:
 
     def __init__(self, config: Config, store: Store, commands: Commands, counters: Counter[str],
                  send: Send, served: Callable[[], None], turn_done: Callable[[], None],
-                 peers: Callable[[], list[dict[str, Any]]] | None) -> None:
+                 peers: Callable[[], list[dict[str, Any]]] | None,
+                 after: dict[str, Callable[[dict[str, Any]], None]] | None = None) -> None:
         self.config = config
         self.store = store
         self.commands = commands
@@ -95,6 +96,9 @@ class StoreBatches:
         self._served = served
         self._turn_done = turn_done
         self._peers = peers
+        # Told the args of these commands once a batch with them ran (e.g. an unregister
+        # frees the session's claims).
+        self._after = after or {}
         self.deferred: deque[list[Work]] = deque()     # slices of a big batch still to serve
         self._reply_bytes: dict[tuple[bytes, int], int] = {}   # per deferred batch frame
         self._scheduled = False
@@ -199,12 +203,20 @@ class StoreBatches:
         ones are undone.
         """
         read_only = all(w[2] in READ_ONLY for w in work)
+        out: list[bytes] | None = None
         if not read_only and len(work) > 1:
             try:
-                return self._apply(work, read_only, isolate=False)
+                out = self._apply(work, read_only, isolate=False)
             except _BatchFailed:
                 self.counters["batch_retries"] += 1
-        return self._apply(work, read_only, isolate=True)
+        if out is None:
+            out = self._apply(work, read_only, isolate=True)
+        if self._after:
+            for w in work:
+                hook = self._after.get(w[2])
+                if hook is not None:
+                    hook(w[3])
+        return out
 
     def _apply(self, work: list[Work], read_only: bool, isolate: bool) -> list[bytes]:
         """One frame per request of `work`, in its order."""

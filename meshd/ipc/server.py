@@ -17,7 +17,7 @@ import os
 import socket as pysocket
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -25,6 +25,8 @@ import zmq.asyncio
 from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.ipc.batches import DEFER_OVER, StoreBatches, Work
+from meshd.ipc.later import LaterReplies, claim_handlers
+from meshd.ipc.memwatch import MemoryWatch
 from meshd.ipc.streams import Limits, Streams
 from meshd.ipc.writes import JournaledWrites
 from meshd.mesh.drain import SocketDrain
@@ -41,6 +43,9 @@ log = logging.getLogger("meshd.ipc")
 
 #: ipc:// paths are limited by sockaddr_un.sun_path.
 MAX_SOCKET_PATH = 107
+
+if TYPE_CHECKING:
+    from meshd.mesh.claims import Claims
 
 NodeInfo = Callable[[], dict[str, Any]]
 #: The daemon's answer to a mesh control command (mesh.join, mesh.leave, mesh.force_leave).
@@ -83,7 +88,7 @@ class IPCServer:
                  peers: Callable[[], list[dict[str, Any]]] | None = None,
                  on_commit: Callable[[], None] | None = None,
                  on_journaled: Callable[[], None] | None = None,
-                 control: Control | None = None) -> None:
+                 control: Control | None = None, claims: "Claims | None" = None) -> None:
         self.config = config
         self.store = store
         self.path = config.socket_path
@@ -103,13 +108,17 @@ class IPCServer:
                                Limits(config.stream_sub_bytes, config.stream_total_bytes,
                                       config.stream_max_per_client, config.stream_max_total,
                                       config.stream_client_bytes))
-        self.batches = StoreBatches(config, store, commands, self.counters, self._send,
-                                    self._served, self._recheck, peers)
+        self.memwatch = MemoryWatch(config, store, self.streams, self._recheck)
+        self.batches = StoreBatches(
+            config, store, commands, self.counters, self._send, self._served, self._recheck,
+            peers, after=None if claims is None else {
+                "session.unregister": lambda a: claims.session_gone(a["session_id"])})
         self.writes = (None if pipeline is None else JournaledWrites(
             config, pipeline, self.counters, self._folded, self._pushes_locally))
         # The commands answered here rather than by the store, by how they are served.
         self._local: dict[str, Callable[[bytes, int, dict[str, Any]], Any]] = {
             "stream.subscribe": self._subscribe,
+            "memory.watch": lambda ident, req_id, a: self._subscribe(ident, req_id, a, True),
             "stream.ack": lambda ident, _, a: self.streams.ack(ident, a),
             "stream.close": lambda ident, _, a: self.streams.close(ident, a),
             "node.info": lambda *_: self.node_info(),
@@ -118,6 +127,9 @@ class IPCServer:
         for name, c in REGISTRY.items():
             if c.served_by == "mesh" and name not in self._local and self.control is not None:
                 self._local[name] = lambda _i, _r, a, name=name: self.control(name, a)  # type: ignore[misc]
+        self.later = LaterReplies(self._send, self.counters, self._recheck)
+        if claims is not None:
+            self._local.update(claim_handlers(claims))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -156,6 +168,7 @@ class IPCServer:
     def stop(self) -> None:
         if self.writes is not None:
             self.writes.stop()              # the pipeline folds the rest when it closes
+        self.later.cancel()                 # claim requests in flight: their clients time out
         if self._raw is None:
             return
         if self._drain is not None:
@@ -175,6 +188,7 @@ class IPCServer:
         self._recheck()
 
     def housekeeping(self) -> None:
+        self.memwatch.tick()                             # replicated changes left parked
         self.streams.publish(self.store.take_events())   # from writes folded by timers
         self._keep_watched_alive()
         self._recheck()
@@ -355,20 +369,28 @@ class IPCServer:
                    for a in sends)
 
     def _run_local(self, ident: bytes, req_id: int, command: str, args: dict[str, Any]) -> None:
-        """Commands the IPC layer answers itself: streams, node information, mesh control."""
+        """Commands the IPC layer answers itself: streams, node information, mesh control,
+        and claims (answered when their round trips are done)."""
         try:
             handler = self._local.get(command)
             if handler is None:                     # validate_args knows it, we do not
+                if command.startswith("claim."):
+                    raise MeshError("claims are not served by this daemon")
                 raise MeshError(f"command {command!r} is not served here")
+            if command.startswith("claim."):
+                self.later.answer(ident, req_id, handler(ident, req_id, args))
+                return
             result = handler(ident, req_id, args)
-            if command != "stream.subscribe":       # (it answers before it pushes)
+            if command not in ("stream.subscribe", "memory.watch"):   # (answer, then push)
                 self._send(ident, encode_reply(req_id, OK, result))
         except MeshError as exc:
             self.counters[f"error.{exc.code}"] += 1
             self._send(ident, encode_error(req_id, exc.code, str(exc)))
 
-    def _subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> Any:
-        result = self.streams.subscribe(ident, req_id, args)
+    def _subscribe(self, ident: bytes, req_id: int, args: dict[str, Any],
+                   memory: bool = False) -> Any:
+        result = (self.streams.watch_memory if memory else self.streams.subscribe)(
+            ident, req_id, args)
         self._send(ident, encode_reply(req_id, OK, result))
         sub = self.streams.subs.get(result["sub"])
         if sub is not None:             # gone if the client vanished before the reply

@@ -11,6 +11,12 @@ A client that subscribes and never reads must not pin the daemon's memory: what 
 pushed and not yet acknowledged is bounded in bytes per stream and over all streams (a
 stream over its share pauses, and resumes from its cursor when acks make room), streams
 are bounded per client connection and in all, and a stream's state goes with it.
+
+The same machinery serves memory watches (`memory.watch`): the stream is the node's
+memory change log (`meshd.state.memlog`, cursor = its seq), filtered by key prefix and
+tags; events of rows the filter skips move the stream on without being sent. A watch's
+window counts the events in flight (not cursor distance, which skipped rows would eat).
+A watcher resuming from a cursor below what was trimmed first gets a `gap` event.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from meshd.errors import InvalidArgument, NotFound, TooLarge
-from meshd.state import mail
+from meshd.state import mail, memlog
 from meshd.state.store import Store
 from meshd.wire.ipc import EVENT, encode_reply
 
@@ -46,6 +52,9 @@ class Subscription:
     last_seen: float = field(default_factory=time.monotonic)
     inflight: deque[tuple[int, int]] = field(default_factory=deque)   # (seq, bytes) unacked
     inflight_bytes: int = 0
+    memory: bool = False             # a memory watch (memlog) rather than a message stream
+    prefix: str | None = None        # memory watch: keys starting with it
+    tags: frozenset[str] | None = None   # memory watch: entries with any of these tags
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +93,8 @@ class Streams:
         self.pushed = 0
         self.dropped_subscriptions = 0
 
-    def subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
-        session_id = args["session_id"]
+    def _admit(self, ident: bytes) -> None:
+        """Refuse a new stream past the bounds (in all, per connection)."""
         if len(self.subs) >= self.limits.total:
             self.refused += 1
             raise TooLarge(f"this daemon serves {self.limits.total} streams already; "
@@ -94,6 +103,10 @@ class Streams:
             self.refused += 1
             raise TooLarge(f"this connection has {self.limits.per_client} streams open "
                            f"already; close one first")
+
+    def subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        session_id = args["session_id"]
+        self._admit(ident)
         with self.store.lock:
             head = mail.head(self.store, session_id)
         start = head if args["cursor"] is None else args["cursor"]
@@ -105,6 +118,27 @@ class Streams:
                            frozenset(args["types"] or ()), max(1, window), start, start)
         self.subs[sub.sub_id] = sub
         self.by_key.setdefault(session_id, set()).add(sub)
+        self.per_client[ident] = self.per_client.get(ident, 0) + 1
+        return {"sub": sub.sub_id, "cursor": start, "head": head}
+
+    def watch_memory(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        """A memory watch from `cursor` (None: from now on), filtered by key prefix and
+        tags. Answers the cursor it starts from and the log's head."""
+        self._admit(ident)
+        key = memlog.STREAM_KEY
+        with self.store.lock:
+            head = memlog.head(self.store)
+        start = head if args["cursor"] is None else args["cursor"]
+        if start > head:
+            raise InvalidArgument(f"cursor {start} is ahead of this node's memory log "
+                                  f"(head {head}): a cursor from another daemon?")
+        self.heads[key] = max(self.heads.get(key, 0), head)
+        window = min(args["window"] or self.window, self.window * 16)
+        sub = Subscription(next(self._ids), ident, req_id, key, frozenset(), max(1, window),
+                           start, start, memory=True, prefix=args["prefix"],
+                           tags=frozenset(args["tags"]) or None)
+        self.subs[sub.sub_id] = sub
+        self.by_key.setdefault(key, set()).add(sub)
         self.per_client[ident] = self.per_client.get(ident, 0) + 1
         return {"sub": sub.sub_id, "cursor": start, "head": head}
 
@@ -214,6 +248,15 @@ class Streams:
             for sub in list(group):
                 if sub in behind or sub.sub_id not in self.subs:
                     continue
+                if sub.memory:
+                    if sub.sent != seq - 1 or len(sub.inflight) >= sub.window:
+                        behind.add(sub)
+                    elif not memlog.matches(sub.prefix, sub.tags, message["key"],
+                                            message["tags"]):
+                        sub.sent = seq
+                    elif not self._push(sub, seq, message):
+                        behind.add(sub)
+                    continue
                 if sub.sent != seq - 1 or sub.sent - sub.acked >= sub.window:
                     behind.add(sub)
                 elif sub.types and message["type"] not in sub.types:
@@ -225,6 +268,9 @@ class Streams:
 
     def pump(self, sub: Subscription) -> None:
         """Send what the subscriber lacks, from the store, up to its window."""
+        if sub.memory:
+            self._pump_memory(sub)
+            return
         for _ in range(1000):                    # bounded: each round moves the cursor forward
             room = sub.window - (sub.sent - sub.acked)
             if room <= 0 or sub.sub_id not in self.subs or self._full(sub):
@@ -242,6 +288,26 @@ class Streams:
             for seq, message in rows:
                 if not self._push(sub, seq, message):
                     return
+
+    def _pump_memory(self, sub: Subscription) -> None:
+        """A memory watch's catch-up from the log: a few bounded reads per call (a watch
+        that filters most rows out goes on at its next ack or event)."""
+        key = memlog.STREAM_KEY
+        for _ in range(16):
+            room = sub.window - len(sub.inflight)
+            if room <= 0 or sub.sub_id not in self.subs or self._full(sub):
+                return
+            if sub.sent >= self.heads.get(key, 0):
+                return
+            with self.store.lock:
+                rows, through = memlog.after(self.store, sub.sent, room, sub.prefix, sub.tags)
+            for seq, message in rows:
+                if not self._push(sub, seq, message):
+                    return
+            if through > sub.sent:
+                sub.sent = through              # rows the filter skipped
+            elif not rows:
+                return
 
     def expire(self) -> int:
         """Drop subscriptions whose client has gone quiet for too long."""

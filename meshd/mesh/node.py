@@ -19,6 +19,8 @@ import zmq
 
 from meshd.config import Config
 from meshd.errors import MeshError
+from meshd.mesh.claims import CLAIM_FRAMES, MeshClaims
+from meshd.mesh.claims_host import hosted_here
 from meshd.mesh.discovery import Discovery
 from meshd.mesh.handshake import HandshakeProbe
 from meshd.mesh.joining import JoinDeps, Joiner
@@ -41,7 +43,8 @@ _PEERS_KEY = "peers"
 class Mesh:
     def __init__(self, config: Config, store: Store, ctx: zmq.Context, outbox: Outbox,
                  pipeline: WritePipeline | None = None,
-                 on_delivered: Callable[[], None] | None = None) -> None:
+                 on_delivered: Callable[[], None] | None = None,
+                 is_alive_session: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.store = store
         self.auth: Authenticator | None = None
@@ -68,6 +71,14 @@ class Mesh:
             save_peers=lambda addrs: store.set_meta(_PEERS_KEY, addrs),
             probe=lambda addr: HandshakeProbe(ctx, addr, key), keyed=key is not None))
         self.discovery: Discovery | None = None
+        # Claims granted by a majority of the voters (docs/claims.md); without voters the
+        # daemon serves host-scope claims itself (`meshd.mesh.claims_host.HostClaims`).
+        # A session is renewed for while it is registered here (the daemon may say more).
+        self.claims: MeshClaims | None = None
+        if config.voters:
+            self.claims = MeshClaims(config, store, self.transport, store.node_id,
+                                     lambda: self.transport.address,
+                                     is_alive_session or hosted_here(store))
 
     @property
     def address(self) -> str:
@@ -86,6 +97,8 @@ class Mesh:
         self.replicator.start()
         self.router.start()
         self.joiner.start()
+        if self.claims is not None:
+            self.claims.start()            # (after the transport: it knows our address)
         if self.config.discovery:
             self.discovery = Discovery(self.config, self.store.node_id, self.address,
                                        self.joiner.discovered, self.joiner.undiscovered,
@@ -108,6 +121,8 @@ class Mesh:
             await self.membership.stop()
             await self.replicator.stop()
             await self.router.stop()
+            if self.claims is not None:
+                await self.claims.stop()
             self.joiner.persist()
         finally:
             # Always (an open socket would hang the context), giving a leave announcement
@@ -173,6 +188,11 @@ class Mesh:
         elif ftype == FrameType.ROUTE_ACK:
             self.membership.heard_from(sender)
             self.router.on_ack(sender, body)
+        elif ftype in CLAIM_FRAMES:
+            if self.claims is None:
+                self.transport.counters["claims.no_voters"] += 1   # no --voters set here
+            else:
+                self.claims.on_frame(ftype, sender, reply_to, body)
         else:
             self.membership.handle(ftype, sender, reply_to, body)
 
@@ -225,7 +245,8 @@ class Mesh:
                 "auth": dict(self.auth.counters) if self.auth is not None else None,
                 "replication": self.replicator.stats(),
                 "routing": self.router.stats(),
-                "discovery": self.discovery.stats() if self.discovery else {"state": "off"}}
+                "discovery": self.discovery.stats() if self.discovery else {"state": "off"},
+                "claims": self.claims.stats() if self.claims else None}
 
 
 def _loopback(address: str) -> bool:

@@ -66,6 +66,8 @@ class Commands:
             "memory.delete": on(memory.delete),
             "memory.clear": on(memory.clear),
             "memory.stats": on(memory.stats),
+            "memory.touch": on(memory.touch),
+            "memory.history": on(memory.history),
         }
         if set(self.handlers) != ipc.STORE_COMMANDS:    # declared without a handler
             raise ImportError(f"store commands and handlers differ: "

@@ -23,7 +23,7 @@ from meshd.state.journal import JOURNAL_NAME, SEGMENTS
 
 log = logging.getLogger("meshd.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DB_NAME = "meshd.db"
 #: flock'ed by the daemon (exclusively) and by directory-mode stores (shared).
 LOCK_FILE = "lock"
@@ -172,6 +172,43 @@ CREATE TABLE IF NOT EXISTS waiting (
     message_id TEXT PRIMARY KEY, to_session TEXT NOT NULL, queued_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS waiting_to ON waiting(to_session);
+
+-- Memory change events as this node sees them (`meshd.state.memlog`), node-local (not
+-- replicated): `seq` is the watch cursor. Bounded: the oldest rows are trimmed and
+-- meta 'memlog_trimmed' remembers through which seq (a watcher below it gets a gap).
+CREATE TABLE IF NOT EXISTS memlog (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind     TEXT NOT NULL,              -- put, delete, expire
+    op       TEXT NOT NULL,              -- set, touch, delete, expire
+    key      TEXT NOT NULL,
+    origin   TEXT NOT NULL,
+    hlc      INTEGER NOT NULL,
+    entry_id TEXT,                       -- put, expire: the entry
+    tags     BLOB NOT NULL               -- msgpack list: the entry's (a delete's: the union)
+);
+-- Replicated changes wait here until this node holds everything of their origin before
+-- them, so each origin's events are logged in its version (and HLC) order.
+CREATE TABLE IF NOT EXISTS memlog_parked (
+    origin   TEXT NOT NULL,
+    version  INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    op       TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    hlc      INTEGER NOT NULL,
+    entry_id TEXT,
+    tags     BLOB NOT NULL,
+    PRIMARY KEY (origin, version, key)
+) WITHOUT ROWID;
+-- The last versions of each key as this node saw them (bounded per key).
+CREATE TABLE IF NOT EXISTS memory_history (
+    key      TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    op       TEXT NOT NULL,
+    origin   TEXT NOT NULL,
+    hlc      INTEGER NOT NULL,
+    entry_id TEXT,
+    PRIMARY KEY (key, seq)
+) WITHOUT ROWID;
 """
 
 #: Changes to tables that exist already, by the schema version that introduced them.
@@ -179,6 +216,7 @@ MIGRATIONS = {
     3: ["ALTER TABLE messages ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'"],
     4: [],          # deletions_hlc (in SCHEMA): "is any deletion this recent?" for merges
     5: [],          # waiting (in SCHEMA): messages to session ids nobody has registered yet
+    6: [],          # memlog, memlog_parked, memory_history (in SCHEMA): memory change events
 }
 
 

@@ -108,8 +108,42 @@ def _record(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any, str], dict[st
 
 R = _REQUIRED
 SID = (s.ident, R)
+#: A claim's TTL and how long an acquire may wait, in seconds, at most.
+MAX_CLAIM_TTL = 3600.0
+MAX_CLAIM_WAIT = 3600.0
+
+
+def _claim_ttl(v: Any, f: str) -> float:
+    ttl = s.ttl(v, f)
+    if ttl is None or ttl > MAX_CLAIM_TTL:
+        raise InvalidArgument(f"{f} must be a positive number of seconds up to {MAX_CLAIM_TTL:g}")
+    return ttl
+
+
+def _claim_wait(v: Any, f: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_CLAIM_WAIT:
+        raise InvalidArgument(f"{f} must be a number of seconds in [0, {MAX_CLAIM_WAIT:g}]")
+    return float(v)
+
+
+def _opt_key(v: Any, f: str) -> str | None:
+    return None if v is None else s.key(v, f)
 #: Result pages of list commands (see PAGED): at most MAX_PAGE rows an answer.
 MAX_PAGE = 1000
+#: Versions `memory.history` answers at most; tags a memory watch may filter on.
+MAX_HISTORY = 1000
+MAX_WATCH_TAGS = 64
+
+
+def _history_limit(v: Any, f: str) -> int | None:
+    return None if v is None else s.count(v, f, 1, MAX_HISTORY)
+
+
+def _watch_tags(v: Any, f: str) -> list[str]:
+    tags = s.str_list(v, f)
+    if len(tags) > MAX_WATCH_TAGS:
+        raise InvalidArgument(f"{f} has more than {MAX_WATCH_TAGS} tags")
+    return tags
 
 
 def _limit(v: Any, f: str) -> int:
@@ -126,7 +160,7 @@ class Command:
 
     name: str
     validate: Validator
-    served_by: str = "store"     # store (state layer, batchable), streams, node or mesh
+    served_by: str = "store"     # store (state layer, batchable), streams, node, mesh, claims
     read_only: bool = False      # reads only: no transaction to commit, no events
     journaled: bool = False      # acknowledged from the journal, folded into SQLite later
     paged: bool = False          # a list read: limit/offset, answered in pages (PAGED)
@@ -186,12 +220,30 @@ REGISTRY: dict[str, Command] = {c.name: c for c in [
     Command("memory.delete", _spec(key=(s.key, R), session_id=(s.opt_ident, None))),
     Command("memory.clear", _spec(session_id=(s.opt_ident, None))),
     _read("memory.stats", _spec()),
+    Command("memory.touch", _spec(key=(s.key, R), ttl=(s.ttl, None),
+                                  entry_id=(s.opt_ident, None))),
+    _read("memory.history", _spec(key=(s.key, R), limit=(_history_limit, None))),
+    # memory change events: a stream (acked and closed with stream.ack / stream.close)
+    Command("memory.watch", _spec(prefix=(_opt_key, None), tags=(_watch_tags, None),
+                                  cursor=(_opt_count, None), window=(_opt_count, None)),
+            served_by="streams"),
     # the daemon itself and its mesh
     Command("node.info", _spec(), served_by="node", read_only=True),
     Command("mesh.peers", _spec(), served_by="mesh", read_only=True),
     Command("mesh.join", _spec(address=(s.address, R)), served_by="mesh"),
     Command("mesh.leave", _spec(), served_by="mesh"),
     Command("mesh.force_leave", _spec(node=(s.ident, R)), served_by="mesh"),
+    # claims (leases with fencing tokens; served by the daemon's claims service, which may
+    # ask the voters: answered when the round trips are done)
+    Command("claim.acquire", _spec(resource=(s.key, R), session_id=SID,
+                                   ttl=(_claim_ttl, 30.0), wait=(_claim_wait, 0.0)),
+            served_by="claims"),
+    Command("claim.renew", _spec(resource=(s.key, R), session_id=SID, token=(s.count, R)),
+            served_by="claims"),
+    Command("claim.release", _spec(resource=(s.key, R), session_id=SID, token=(s.count, R)),
+            served_by="claims"),
+    Command("claim.holder", _spec(resource=(s.key, R)), served_by="claims", read_only=True),
+    Command("claim.list", _spec(prefix=(_opt_key, None)), served_by="claims", read_only=True),
     # live streams (served by the IPC layer, not the store)
     Command("stream.subscribe", _spec(session_id=(s.opt_ident, None),
                                       cursor=(_opt_count, None), types=(_msgtypes, None),

@@ -49,6 +49,19 @@ class FrameType(IntEnum):
     PULL = 7         # {origin, after}: send me `origin`'s records above `after`
     ROUTE = 8        # {lane, first, items}: messages / read receipts for this node, in order
     ROUTE_ACK = 9    # {lane, through}: applied every routed item up to `through`
+    # Claims (PaxosLease, `meshd.mesh.paxoslease`; docs/claims.md): proposer -> voter ...
+    LEASE_PREPARE = 10   # {resource, ballot}: promise me `ballot` (phase 1)
+    LEASE_ACCEPT = 11    # {resource, ballot, owner, token, ttl}: accept this lease (phase 2)
+    LEASE_RELEASE = 12   # {resource, owner, token, ballots}: drop it if it is exactly this
+    LEASE_QUERY = 13     # {req, prefix, exact}: your unexpired leases under `prefix`
+    # ... and voter -> proposer (`acceptor` is the voter's address as listed in --voters)
+    LEASE_PROMISE = 14   # {resource, ballot, acceptor, lease}: lease = [] or
+                         # [owner, ballot, token, remaining, ttl], its unexpired lease
+    LEASE_ACCEPTED = 15  # {resource, ballot, acceptor}
+    LEASE_REJECT = 16    # {resource, ballot, acceptor, promised, reason}
+    LEASE_RELEASED = 17  # {resource, token, acceptor, released}
+    LEASE_STATE = 18     # {req, acceptor, ok, leases, more}: leases = [[resource, owner,
+                         # token, ballot, remaining, ttl], ...]
 
 
 class MemberState(IntEnum):
@@ -152,6 +165,99 @@ _BODIES: dict[int, dict[str, Callable[[Any], Any]]] = {
     FrameType.ROUTE_ACK: {"lane": lambda v: s.count(v, "lane", 0, 1),
                           "through": lambda v: s.count(v, "through", 0, 2**62)},
 }
+
+# --- claims (PaxosLease) bodies ------------------------------------------------------------
+
+#: Ballots and tokens stay below this (msgpack and JSON carry them as plain integers).
+MAX_BALLOT = 2**62
+#: Lease seconds a frame may name at most (a day: far above any configured TTL).
+MAX_LEASE_SECONDS = 86400.0
+#: Ballots of one lease a release may name (the acquisition's renewals still unexpired).
+MAX_RELEASE_BALLOTS = 16
+#: Leases one LEASE_STATE frame carries at most (`more` says there were others).
+MAX_STATE_LEASES = 1000
+#: Why a voter refused: a higher promise, its restart quarantine, a full table, a TTL
+#: beyond its bound.
+REJECT_REASONS = frozenset({"ballot", "quarantine", "full", "ttl"})
+
+
+def _ballot(v: Any, field: str = "ballot") -> int:
+    return s.count(v, field, 0, MAX_BALLOT)
+
+
+def _seconds(v: Any, field: str) -> float:
+    """A finite number of seconds in [0, MAX_LEASE_SECONDS] (a bool is not one)."""
+    if type(v) not in (int, float) or not 0 <= v <= MAX_LEASE_SECONDS:   # (NaN fails too)
+        raise InvalidArgument(f"{field} must be seconds in [0, {MAX_LEASE_SECONDS:g}]")
+    return float(v)
+
+
+def _resource(v: Any, field: str = "resource") -> str:
+    return s.ident(v, field)
+
+
+def _lease(v: Any) -> list[Any]:
+    """[] or [owner, ballot, token, remaining, ttl]."""
+    if not isinstance(v, list) or len(v) not in (0, 5):
+        raise InvalidArgument("lease must be [] or [owner, ballot, token, remaining, ttl]")
+    if not v:
+        return []
+    owner, ballot, token, remaining, ttl = v
+    return [s.ident(owner, "owner"), _ballot(ballot), _ballot(token, "token"),
+            _seconds(remaining, "remaining"), _seconds(ttl, "ttl")]
+
+
+def _release_ballots(v: Any) -> list[int]:
+    if not isinstance(v, list) or not 0 < len(v) <= MAX_RELEASE_BALLOTS:
+        raise InvalidArgument(f"ballots must be a list of 1 to {MAX_RELEASE_BALLOTS}")
+    return [_ballot(b) for b in v]
+
+
+def _state_leases(v: Any) -> list[list[Any]]:
+    if not isinstance(v, list) or len(v) > MAX_STATE_LEASES:
+        raise InvalidArgument(f"leases must be a list of at most {MAX_STATE_LEASES}")
+    out = []
+    for item in v:
+        if not isinstance(item, list) or len(item) != 6:
+            raise InvalidArgument("a lease is [resource, owner, token, ballot, remaining, ttl]")
+        res, owner, token, ballot, remaining, ttl = item
+        out.append([_resource(res), s.ident(owner, "owner"), _ballot(token, "token"),
+                    _ballot(ballot), _seconds(remaining, "remaining"), _seconds(ttl, "ttl")])
+    return out
+
+
+def _reason(v: Any) -> str:
+    if v not in REJECT_REASONS:
+        raise InvalidArgument("unknown reject reason")
+    return str(v)
+
+
+_LEASE_BODIES: dict[int, dict[str, Callable[[Any], Any]]] = {
+    FrameType.LEASE_PREPARE: {"resource": _resource, "ballot": _ballot},
+    FrameType.LEASE_ACCEPT: {"resource": _resource, "ballot": _ballot,
+                             "owner": lambda v: s.ident(v, "owner"),
+                             "token": lambda v: _ballot(v, "token"),
+                             "ttl": lambda v: _seconds(v, "ttl")},
+    FrameType.LEASE_RELEASE: {"resource": _resource, "owner": lambda v: s.ident(v, "owner"),
+                              "token": lambda v: _ballot(v, "token"),
+                              "ballots": _release_ballots},
+    FrameType.LEASE_QUERY: {"req": _seq, "prefix": lambda v: s.text(v, "prefix", s.MAX_ID_LEN),
+                            "exact": lambda v: s.boolean(v, "exact")},
+    FrameType.LEASE_PROMISE: {"resource": _resource, "ballot": _ballot,
+                              "acceptor": lambda v: address(v, "acceptor"), "lease": _lease},
+    FrameType.LEASE_ACCEPTED: {"resource": _resource, "ballot": _ballot,
+                               "acceptor": lambda v: address(v, "acceptor")},
+    FrameType.LEASE_REJECT: {"resource": _resource, "ballot": _ballot,
+                             "acceptor": lambda v: address(v, "acceptor"),
+                             "promised": lambda v: _ballot(v, "promised"), "reason": _reason},
+    FrameType.LEASE_RELEASED: {"resource": _resource, "token": lambda v: _ballot(v, "token"),
+                               "acceptor": lambda v: address(v, "acceptor"),
+                               "released": lambda v: s.boolean(v, "released")},
+    FrameType.LEASE_STATE: {"req": _seq, "acceptor": lambda v: address(v, "acceptor"),
+                            "ok": lambda v: s.boolean(v, "ok"), "leases": _state_leases,
+                            "more": lambda v: s.boolean(v, "more")},
+}
+_BODIES.update(_LEASE_BODIES)
 
 #: Fields a frame may carry, checked when present (added after version 1 shipped, so a
 #: peer that does not send them is still understood).

@@ -6,11 +6,15 @@ With no argument each class talks to this host's meshd; with a directory it work
 directory with no daemon. `sessions.aio` has the same calls for asyncio.
 """
 
+from sessions.claims import Claims, Lease
 from sessions.collaboration import CollaborationHub
 from sessions.errors import (
+    ClaimBusy,
     DaemonUnavailable,
     InvalidArgument,
+    LeaseLost,
     MeshError,
+    NoQuorum,
     NotFound,
     ProtocolError,
     RemoteError,
@@ -25,6 +29,7 @@ from sessions.errors import (
 from sessions.keepalive import KeepAlive
 from sessions.memory import SharedMemory
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
+from sessions.models import MemoryEvent, MemoryVersion
 from sessions.registry import SessionRegistry
 
 __version__ = "0.1.0"
@@ -34,5 +39,5 @@ __all__ = [
     "SharedMemory", "MemoryType", "MemoryEntry", "SessionsError", "DaemonUnavailable",
     "InvalidArgument", "NotFound", "SessionNotFound", "Timeout", "TooLarge", "MeshError",
     "ProtocolError", "RemoteError", "StoreError", "UnknownCommand", "UnsupportedVersion",
-    "KeepAlive",
+    "KeepAlive", "MemoryEvent", "MemoryVersion", "Claims", "Lease", "ClaimBusy", "NoQuorum", "LeaseLost",
 ]

@@ -29,7 +29,12 @@ SILENT_LIMIT = 3 * RENEW_EVERY   # s without an answer to our acks before we rec
 
 class Subscription:
     """One stream's subscription: its cursor, the events not yet handed out, and whether
-    the daemon currently knows it (`sub`). Feed it the frames read; ask it for frames."""
+    the daemon currently knows it (`sub`). Feed it the frames read; ask it for frames.
+    A subclass follows another kind of stream (`command`, `args`, `convert`: see
+    `sessions._memwatch`)."""
+
+    #: The command that (re)subscribes; acks and closes are the same for every stream.
+    command = "stream.subscribe"
 
     def __init__(self, session_id: str | None, cursor: int | None, types: list[str],
                  window: int, max_frame_bytes: int = Config().max_frame_bytes) -> None:
@@ -54,7 +59,7 @@ class Subscription:
         """The frame that (re)subscribes from our cursor; events of an older subscription
         are ignored from now on."""
         self.sub = None
-        self._req, frame = self._exchange.cast("stream.subscribe", self.args())
+        self._req, frame = self._exchange.cast(self.command, self.args())
         return frame
 
     def ack(self) -> bytes | None:
@@ -86,7 +91,7 @@ class Subscription:
                     continue                          # from a subscription we replaced
                 seq = body.get("seq")
                 if isinstance(seq, int) and (self.cursor is None or seq > self.cursor):
-                    self.pending.append((seq, Message.from_dict(body["message"])))
+                    self.pending.append((seq, self.convert(seq, body["message"])))
             elif rid == self._req and kind == OK:
                 self.sub = body["sub"]
                 if self.cursor is None:
@@ -98,6 +103,10 @@ class Subscription:
                 elif rid == self._req:
                     raise error_from(body)
         return forgotten
+
+    def convert(self, seq: int, message: Any) -> Any:
+        """An event's message as the stream hands it out."""
+        return Message.from_dict(message)
 
     # --- the loop's decisions ------------------------------------------------------------------
 

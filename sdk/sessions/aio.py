@@ -20,17 +20,21 @@ from meshd.wire.ipc import validate_args
 from meshd.wire.schema import enum_value
 from sessions import _ops as ops
 from sessions import asking
+from sessions import memory as memory_ops
 from sessions._aioclient import AsyncClient
 from sessions._backend import DirectoryBackend
 from sessions._core import Pages
+from sessions._memwatch import AsyncMemoryWatch, DirectoryMemoryWatch, MemoryWatch
 from sessions._stream import DirectoryStream, MessageStream, Stream
+from sessions.claims import AsyncClaims  # noqa: F401  (the claims' asyncio twin)
 from sessions.keepalive import DEFAULT_INTERVAL, AsyncKeepAlive
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
+from sessions.models import MemoryVersion
 
 log = logging.getLogger("sessions.aio")
 
 __all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory",
-           "AsyncMessageStream"]
+           "AsyncMessageStream", "AsyncClaims", "AsyncMemoryWatch"]
 
 
 class _AsyncBase:
@@ -310,3 +314,21 @@ class AsyncSharedMemory(_AsyncBase):
 
     async def get_stats(self) -> dict[str, Any]:
         return await self._run(ops.memory_stats())
+
+    async def touch(self, key: str, ttl: float | None = None) -> MemoryEntry:
+        """As SharedMemory.touch: renew the TTL of the key's newest live entry."""
+        return await self._run(memory_ops.memory_touch(key, ttl))
+
+    async def history(self, key: str, limit: int | None = None) -> list[MemoryVersion]:
+        """As SharedMemory.history: the key's last versions as this host saw them."""
+        return await self._run(memory_ops.memory_history(key, limit))
+
+    async def watch(self, prefix: str | None = None, tags: list[str] | None = None,
+                    cursor: int | None = None) -> AsyncMemoryWatch:
+        """As SharedMemory.watch: memory changes from now on (or after `cursor`)."""
+        if self._store is not None:
+            return AsyncMemoryWatch(DirectoryMemoryWatch(self._store, prefix, tags, cursor))
+        assert self._client is not None
+        path = self._client.path
+        watch = await asyncio.to_thread(MemoryWatch, path, prefix, tags, cursor)
+        return AsyncMemoryWatch(watch)

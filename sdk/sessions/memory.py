@@ -1,4 +1,13 @@
-"""SharedMemory: keys with a history of typed, tagged entries, optionally expiring."""
+"""SharedMemory: keys with a history of typed, tagged entries, optionally expiring, and
+the change events, TTL renewals and per-key history built on them.
+
+TTL rules: every set adds an entry with its own `ttl` (None: it never expires), counted
+from when the daemon stamped it; it leaves earlier entries' TTLs as they were, and reads
+show the newest entry still live. `touch(key, ttl)` adds a version of the key's newest
+live entry (same value, type, session, tags and metadata; no value resent) with `ttl`, or
+with that entry's own TTL length when None, counted again from now; it replicates like a
+set. Expiry instants are computed from the entry's clock stamp, the same on every host.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +15,27 @@ import os
 from typing import Any
 
 from sessions import _ops as ops
-from sessions._backend import Backend, backend_for
-from sessions.models import MemoryEntry, MemoryType
+from sessions._backend import Backend, DaemonBackend, DirectoryBackend, backend_for
+from sessions._memwatch import DirectoryMemoryWatch, MemoryWatch
+from sessions.models import MemoryEntry, MemoryEvent, MemoryType, MemoryVersion, new_id
 
-__all__ = ["SharedMemory", "MemoryEntry", "MemoryType"]
+__all__ = ["SharedMemory", "MemoryEntry", "MemoryType", "MemoryEvent", "MemoryVersion",
+           "MemoryWatch", "DirectoryMemoryWatch"]
+
+#: Entry ids of touch versions start with this (the history's op says "touch").
+TOUCH_PREFIX = "touch:"
+
+
+def memory_touch(key: str, ttl: float | None = None) -> ops.Op:
+    """The touch call; its id is chosen here so that a retried touch adds one version."""
+    return ops.Op("memory.touch", {"key": key, "ttl": ttl,
+                                   "entry_id": f"{TOUCH_PREFIX}{new_id()}"},
+                  MemoryEntry.from_dict)
+
+
+def memory_history(key: str, limit: int | None = None) -> ops.Op:
+    return ops.Op("memory.history", {"key": key, "limit": limit},
+                  lambda rows: [MemoryVersion.from_dict(r) for r in rows])
 
 
 class SharedMemory:
@@ -58,6 +84,30 @@ class SharedMemory:
 
     def get_stats(self) -> dict[str, Any]:
         return self._backend.run(ops.memory_stats())
+
+    def touch(self, key: str, ttl: float | None = None) -> MemoryEntry:
+        """Renew the TTL of the key's newest live entry without resending its value: a new
+        version with `ttl` (None: the entry's own TTL length, from now). Returns it;
+        NotFound when the key has no live entry."""
+        return self._backend.run(memory_touch(key, ttl))
+
+    def history(self, key: str, limit: int | None = None) -> list[MemoryVersion]:
+        """The last versions of `key` as this host saw them, newest first (at most the
+        daemon's per-key bound, 50 by default): set, touch, delete or expire, each with
+        its origin node, clock stamp, and the entry while this host still holds it."""
+        return self._backend.run(memory_history(key, limit))
+
+    def watch(self, prefix: str | None = None, tags: list[str] | None = None,
+              cursor: int | None = None) -> MemoryWatch | DirectoryMemoryWatch:
+        """Memory changes from now on (or after `cursor`), local and replicated alike: keys
+        starting with `prefix`, entries with any of `tags`. Iterate it, or call
+        `.next(timeout)`; `.cursor` resumes a later watch, after a restart too, with
+        nothing missed or repeated (a `gap` event first if the daemon trimmed past it)."""
+        b = self._backend
+        if isinstance(b, DirectoryBackend):
+            return DirectoryMemoryWatch(b.store, prefix, tags, cursor)
+        assert isinstance(b, DaemonBackend)
+        return MemoryWatch(b.client.path, prefix, tags, cursor)
 
     def close(self) -> None:
         """Nothing to release: blocking objects share one connection per daemon and

@@ -12,7 +12,7 @@ from typing import Any
 from meshd.wire.schema import MemoryType, MessageType, SessionStatus
 
 __all__ = ["SessionStatus", "MessageType", "MemoryType", "Session", "Message", "MemoryEntry",
-           "SIGNAL_EMOJI"]
+           "MemoryEvent", "MemoryVersion", "SIGNAL_EMOJI"]
 
 
 _second: list[Any] = [None, ""]       # the last whole second seen and its ISO text
@@ -165,3 +165,61 @@ class MemoryEntry:
         if born.tzinfo is None:
             born = born.replace(tzinfo=timezone.utc)
         return ((now or datetime.now(tz=timezone.utc)) - born).total_seconds() > self.ttl
+
+
+@dataclass
+class MemoryEvent:
+    """A change of shared memory as this host's daemon saw it (`SharedMemory.watch`).
+
+    kind: "put" (an entry was stored: a set, a touch, or one replicated from another
+    host; `entry` is it), "delete" (a deletion removed the key's entries), "expire" (the
+    key's newest version ran out here; an older one may still be live) or "gap" (events
+    up to `cursor` were trimmed before this watcher read them: re-read what you need).
+    `op` tells a put's set from its touch. `cursor` resumes a later watch after it.
+    `origin` is the node that made the change, `hlc` its clock stamp."""
+
+    kind: str
+    key: str
+    origin: str
+    hlc: int
+    cursor: int
+    entry: MemoryEntry | None = None
+    op: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, cursor: int, d: dict[str, Any]) -> "MemoryEvent":
+        e = d.get("entry")
+        return cls(d["kind"], d["key"], d["origin"], d["hlc"], cursor,
+                   None if e is None else MemoryEntry.from_dict(e), d.get("op", ""),
+                   list(d.get("tags") or []))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["entry"] = None if self.entry is None else self.entry.to_dict()
+        return d
+
+
+@dataclass
+class MemoryVersion:
+    """One version of a key as this host saw it (`SharedMemory.history`): `op` is set,
+    touch, delete or expire; `entry` is the entry while this host still holds it."""
+
+    op: str
+    key: str
+    origin: str
+    hlc: int
+    cursor: int
+    entry_id: str | None = None
+    entry: MemoryEntry | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MemoryVersion":
+        e = d.get("entry")
+        return cls(d["op"], d["key"], d["origin"], d["hlc"], d["cursor"], d.get("entry_id"),
+                   None if e is None else MemoryEntry.from_dict(e))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["entry"] = None if self.entry is None else self.entry.to_dict()
+        return d

@@ -34,7 +34,9 @@ from support.daemons import (CHILD_CWD, Daemon, eventually, run_cli,  # noqa: E4
 
 TOOLS = {"whoami", "list_sessions", "send_message", "reply", "broadcast", "check_inbox",
          "wait_for_messages", "get_thread", "message_status", "set_status", "memory_set",
-         "memory_get", "memory_search", "memory_delete", "ask", "dispatch"}
+         "memory_get", "memory_search", "memory_delete", "ask", "dispatch",
+         "claim", "release", "list_claims",
+         "memory_touch", "memory_history", "watch_memory", "memory_changes"}
 BOUND = 90.0             # seconds any one test's async body may take
 
 
@@ -306,7 +308,7 @@ def test_resource_updated_reaches_subscribers_of_both_protocol_eras(daemon: Daem
             assert c.server_capabilities.resources.subscribe
             await until(lambda: call(c, "whoami"), "watcher registered")
             uris = {str(r.uri) for r in (await c.list_resources()).resources}
-            assert uris == {"inbox://watcher", "sessions://list"}
+            assert uris == {"inbox://watcher", "sessions://list", "memory://changes"}
             await c.subscribe_resource("inbox://watcher")
             hub.send("someone", "watcher", "notification", "hi", "there")
             with anyio.fail_after(10):
@@ -524,3 +526,23 @@ def test_cli_works_without_the_extra_and_says_how_to_get_it(daemon: Daemon,
     out = subprocess.run([sys.executable, "-c", probe], env=daemon.env(), cwd=CHILD_CWD,
                          capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_watch_memory_keeps_changes_for_memory_changes(daemon: Daemon, short_tmp: Path) -> None:
+    """watch_memory + memory_changes: a set by someone else is there once, with its value;
+    memory_touch and memory_history work on the same key."""
+    async def body() -> None:
+        async with Client(params(daemon, "mw-1", short_tmp)) as c:
+            await until(lambda: call(c, "whoami"), "registered")
+            assert "watching proj/" in await call(c, "watch_memory", prefix="proj/")
+            daemon.memory().set("other", "proj/x", {"v": 1}, ttl=60)
+            daemon.memory().set("other", "elsewhere", 2)
+            got = await call(c, "memory_changes", timeout_s=10)
+            assert got.startswith("1 change") and '"key":"proj/x"' in got, got
+            assert '"kind":"set"' in got and '"v":1' in got, got
+            assert "touched 'proj/x'" in await call(c, "memory_touch", key="proj/x")
+            hist = await call(c, "memory_history", key="proj/x")
+            assert hist.startswith("2 versions") and '"op":"touch"' in hist, hist
+            got = await call(c, "memory_changes", timeout_s=10)
+            assert '"kind":"touch"' in got, got
+    run(body)

@@ -13,24 +13,28 @@ import pytest
 
 from sessions import CollaborationHub, KeepAlive, SessionRegistry, SharedMemory
 from sessions._client import Client
+from sessions._memwatch import AsyncMemoryWatch, DirectoryMemoryWatch, MemoryWatch
 from sessions._stream import DirectoryStream, MessageStream
 from sessions.aio import (
     AsyncClient, AsyncCollaborationHub, AsyncMessageStream, AsyncSessionRegistry,
     AsyncSharedMemory,
 )
+from sessions.claims import AsyncClaims, Claims
 from sessions.keepalive import AsyncKeepAlive
 
 PAIRS = [(SessionRegistry, AsyncSessionRegistry), (CollaborationHub, AsyncCollaborationHub),
          (SharedMemory, AsyncSharedMemory), (KeepAlive, AsyncKeepAlive),
          (MessageStream, AsyncMessageStream), (DirectoryStream, AsyncMessageStream),
-         (Client, AsyncClient)]
+         (Client, AsyncClient), (Claims, AsyncClaims), (MemoryWatch, AsyncMemoryWatch),
+         (DirectoryMemoryWatch, AsyncMemoryWatch)]
 ids = [f"{b.__name__}-{a.__name__}" for b, a in PAIRS]
 
 #: What a blocking type becomes on the asyncio side.
 TWINS = {"KeepAlive": "AsyncKeepAlive", "Stream": "AsyncMessageStream",
          "MessageStream": "AsyncMessageStream", "SessionRegistry": "AsyncSessionRegistry",
          "CollaborationHub": "AsyncCollaborationHub", "SharedMemory": "AsyncSharedMemory",
-         "Client": "AsyncClient"}
+         "Client": "AsyncClient", "Claims": "AsyncClaims", "Held": "AsyncHeld",
+         "MemoryWatch": "AsyncMemoryWatch"}
 #: Extra constructor keywords of the asyncio classes: several objects share one connection
 #: (the blocking objects share theirs per process, so they need no such argument).
 ASYNC_ONLY_INIT = {"client"}
@@ -68,6 +72,7 @@ def hints(fn: Any) -> dict[str, str]:
             text = re.sub(rf"\b{aio}\b", blocking, text)
         text = re.sub(r"Awaitable\[(\w+)\]", r"\1", text)
         text = re.sub(r"\b(MessageStream \| DirectoryStream|Stream)\b", "Stream", text)
+        text = re.sub(r"\bMemoryWatch \| DirectoryMemoryWatch\b", "MemoryWatch", text)
         out[name] = text
     return out
 
@@ -75,12 +80,12 @@ def hints(fn: Any) -> dict[str, str]:
 @pytest.mark.parametrize("blocking, aio", PAIRS, ids=ids)
 def test_same_methods_same_parameters(blocking: type, aio: type) -> None:
     b, a = public(blocking), public(aio)
-    if blocking in (MessageStream, DirectoryStream):
+    if blocking in (MessageStream, DirectoryStream, MemoryWatch, DirectoryMemoryWatch):
         # A blocking stream also exposes its plain fields (path, session_id, ...); the
         # asyncio face carries the ones a caller uses: next, close, cursor (a plain
         # attribute of DirectoryStream, so not seen on its class).
         b = {n: v for n, v in b.items() if n in a}
-        if blocking is DirectoryStream:
+        if blocking in (DirectoryStream, DirectoryMemoryWatch):
             a = {n: v for n, v in a.items() if n != "cursor"}
     assert set(b) == set(a), (sorted(set(b) - set(a)), sorted(set(a) - set(b)))
     for name in sorted(b):
@@ -119,9 +124,9 @@ def test_the_asyncio_methods_are_coroutines_or_return_the_async_twin(blocking, a
     for name, fn in public(aio).items():
         if isinstance(fn, property):
             continue
-        if name == "keepalive":                      # returns an async context manager
+        if name in ("keepalive", "hold"):            # return an async context manager
             continue
-        if aio is AsyncMessageStream and name == "close":   # closing a stream never waits
+        if aio in (AsyncMessageStream, AsyncMemoryWatch) and name == "close":   # never waits
             continue
         assert inspect.iscoroutinefunction(getattr(aio, name)), \
             f"{aio.__name__}.{name} is not a coroutine"

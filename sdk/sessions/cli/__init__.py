@@ -3,7 +3,7 @@
 Exit status: 0 success, 1 not found or failed, 2 usage error. Errors are one line on
 stderr, never a traceback. Read commands take --json for machine-readable output.
 
-One module per family of commands (registry, messages, memory, node); each registers its
+One module per family of commands (registry, messages, memory, node, claims); each registers its
 commands on the one click group of `_base`.
 """
 
@@ -14,7 +14,7 @@ import sys
 import click
 
 from sessions import SessionsError
-from sessions.cli import agents, mcp, memory, messages, node, registry  # noqa: F401  (they register)
+from sessions.cli import agents, claims, mcp, memory, messages, node, registry  # noqa: F401  (they register)
 from sessions.cli._base import cli
 
 __all__ = ["cli", "main"]

@@ -1,4 +1,5 @@
-"""Shared memory: memory-set, memory-get, memory-search, memory-delete."""
+"""Shared memory: memory-set, memory-get, memory-search, memory-delete, memory-touch,
+memory-history, memory-watch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import click
 
-from sessions import MemoryEntry, MemoryType
+from sessions import MemoryEntry, MemoryEvent, MemoryType, NotFound
 from sessions.cli._base import (
     Ctx, cli, emit_json, enum_choice, json_option, not_found, pass_ctx, show_value, split_list,
 )
@@ -129,3 +130,91 @@ def memory_delete(c: Ctx, key: str, session: str | None) -> None:
     if n == 0:
         not_found("Key", key)
     click.echo(f"✅ Deleted {n} entr{'y' if n == 1 else 'ies'} of {key}")
+
+
+@cli.command("memory-touch")
+@click.argument("key")
+@click.option("--ttl", type=click.FloatRange(0, min_open=True), default=None,
+              help="New TTL in seconds (default: the entry's own TTL length, from now).")
+@json_option
+@pass_ctx
+def memory_touch(c: Ctx, key: str, ttl: float | None, as_json: bool) -> None:
+    """Renew the TTL of KEY's newest entry without resending its value."""
+
+    try:
+        entry = c.memory().touch(key, ttl=ttl)
+    except NotFound:
+        not_found("Key", key)
+    if as_json:
+        emit_json(entry.to_dict())
+        return
+    left = f"expires in {entry.ttl:g}s" if entry.ttl else "no expiry"
+    click.echo(f"✅ Touched: {key} ({left})")
+
+
+@cli.command("memory-history")
+@click.argument("key")
+@click.option("--limit", type=click.IntRange(1, 1000), default=None,
+              help="Versions to show at most (default: all kept, 50 per key by default).")
+@json_option
+@pass_ctx
+def memory_history(c: Ctx, key: str, limit: int | None, as_json: bool) -> None:
+    """The last versions of KEY as this host saw them, newest first."""
+    versions = c.memory().history(key, limit=limit)
+    if as_json:
+        emit_json([v.to_dict() for v in versions])
+        return
+    if not versions:
+        not_found("History of key", key)
+    click.echo(f"📜 {len(versions)} version{'' if len(versions) == 1 else 's'} of {key}:")
+    for v in versions:
+        value = "" if v.entry is None else f" = {show_value(v.entry.value)}"
+        ttl = f" ttl={v.entry.ttl:g}s" if v.entry is not None and v.entry.ttl else ""
+        click.echo(f"   #{v.cursor} {v.op}{value}{ttl}  (origin {v.origin[:12]}, hlc {v.hlc})")
+
+
+def print_event(ev: MemoryEvent) -> None:
+    if ev.kind == "gap":
+        click.echo(f"⚠️  gap: events up to cursor {ev.cursor} were trimmed; re-read what "
+                   f"you need")
+        return
+    what = ev.op if ev.kind == "put" else ev.kind
+    value = "" if ev.entry is None else f" = {show_value(ev.entry.value)}"
+    click.echo(f"#{ev.cursor} {what} {ev.key}{value}  (origin {ev.origin[:12]})")
+
+
+@cli.command("memory-watch")
+@click.argument("prefix", required=False)
+@click.option("--tags", help="Comma-separated tags (entries with any of them).")
+@click.option("--from-cursor", type=click.IntRange(0), default=None,
+              help="Resume after this cursor instead of starting now.")
+@json_option
+@pass_ctx
+def memory_watch(c: Ctx, prefix: str | None, tags: str | None, from_cursor: int | None,
+                 as_json: bool) -> None:
+    """Print changes of shared memory (keys starting with PREFIX) as this host sees
+    them, local and replicated, until Ctrl-C. --json prints one JSON object a line."""
+    watch = c.memory().watch(prefix, tags=split_list(tags) or None, cursor=from_cursor)
+
+    def on_state(state: str) -> None:
+        if state == "lost":
+            click.echo(f"⚠️  meshd went away; waiting for it (cursor {watch.cursor})", err=True)
+        else:
+            click.echo(f"✅ meshd is back; resuming after cursor {watch.cursor}", err=True)
+
+    if hasattr(watch, "on_state"):
+        watch.on_state = on_state
+    if not as_json:
+        click.echo(f"👀 Watching {prefix or 'all keys'} from cursor {watch.cursor} "
+                   f"(Ctrl-C to stop)")
+    try:
+        for ev in watch:
+            if as_json:
+                click.echo(json.dumps(ev.to_dict(), ensure_ascii=False, default=str))
+            else:
+                print_event(ev)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watch.close()

@@ -1,4 +1,4 @@
-"""The shared-memory tools: set, get, search, delete.
+"""The shared-memory tools: set, get, search, delete, touch, history.
 
 Shared memory is the mesh's blackboard: every host sees every key. The tools keep the
 SDK's semantics (each set adds an entry; get returns the newest live one) and cut long
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
+from sessions import NotFound
 from sessions.mcp import format as fmt
 from sessions.mcp.agent import Agent
 from sessions.mcp.common import READ, WRITE, Limit, guard, tool
@@ -100,3 +101,33 @@ def register(mcp: MCPServer, agent: Agent) -> None:
             return f"nothing to delete: no entries for {key!r}" + (
                 " written by you" if only_mine else "")
         return f"deleted {n} entr{'y' if n == 1 else 'ies'} of {key!r}"
+
+    @tool(mcp, WRITE)
+    @g
+    async def memory_touch(key: Key,
+                           ttl_s: Annotated[float | None, Field(
+                               gt=0, description="New TTL in seconds; none: the entry's own "
+                                                 "TTL length, from now")] = None) -> str:
+        """Keep a shared-memory entry alive: renews the TTL of the key's newest live entry
+        without resending its value (a new version with the same value, replicated like
+        a set). Use it while you work on something you announced with a TTL."""
+        try:
+            e = await agent.memory.touch(key, ttl_s)
+        except NotFound:
+            return f"no live entry for {key!r} to touch (never set, deleted or expired)"
+        return f"touched {key!r}: " + (f"expires in {e.ttl:g} s" if e.ttl else "no expiry")
+
+    @tool(mcp, READ)
+    @g
+    async def memory_history(key: Key, limit: Limit = 20) -> str:
+        """The last versions of a shared-memory key as this host saw them, newest first:
+        set, touch, delete or expire, who (origin host) and when, with the value while it
+        is still held."""
+        versions = await agent.memory.history(key, limit)
+        rows = []
+        for v in versions:
+            row = {"op": v.op, "origin": v.origin[:12]}
+            if v.entry is not None:
+                row.update(fmt.entry(v.entry, 2000))
+            rows.append(row)
+        return fmt.lines(f"{len(rows)} version{'' if len(rows) == 1 else 's'} of {key!r}", rows)

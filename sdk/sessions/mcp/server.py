@@ -22,7 +22,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 
 import sessions
 from sessions import SessionRegistry, SessionsError
-from sessions.mcp import memtools, resources, tools
+from sessions.mcp import claimtools, memtools, memwatch, resources, tools
 from sessions.mcp.agent import Agent
 from sessions.mcp.state import Identity
 
@@ -69,7 +69,9 @@ def build_server(identity: Identity, socket: str | None = None, timeout: float |
                     log_level="WARNING")
     tools.register(mcp, agent, progress_every)
     memtools.register(mcp, agent)
-    resources.register(mcp, agent, bus)
+    claimtools.register(mcp, agent)
+    subscribers = resources.register(mcp, agent, bus)
+    memwatch.register(mcp, agent, bus, subscribers)
     return mcp, agent
 
 
