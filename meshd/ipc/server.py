@@ -30,7 +30,7 @@ from meshd.ipc.memwatch import MemoryWatch
 from meshd.ipc.streams import Limits, Streams
 from meshd.ipc.writes import JournaledWrites
 from meshd.mesh.drain import SocketDrain
-from meshd.state import sessions
+from meshd.state import memlog, sessions
 from meshd.state.commands import Commands
 from meshd.state.pipeline import WritePipeline
 from meshd.state.store import Store
@@ -355,18 +355,22 @@ class IPCServer:
         if ident is not None:
             replies.append((ident, encode_error(req_id, code, message)))
 
-    def _pushes_locally(self, sends: list[dict[str, Any]]) -> bool:
-        """Whether a live subscription here may want one of these messages now: a
-        node-wide one, or one on its recipient (any, for a broadcast). A direct message
-        to another daemon's session goes there from the journal and has nobody to wait
-        for its fold here."""
+    def _pushes_locally(self, records: list[list[Any]]) -> bool:
+        """Whether a live subscription here may want one of these journaled records now: a
+        node-wide message stream, one on a message's recipient (any, for a broadcast), or
+        a memory watch for a set. A direct message to another daemon's session goes there
+        from the journal and has nobody to wait for its fold here."""
         subs = self.streams.by_key
         if not subs:
             return False
-        if None in subs:
-            return True
-        return any(a["message"]["to_session"] is None or a["message"]["to_session"] in subs
-                   for a in sends)
+        for command, args, *_ in records:
+            if command == "message.send":
+                to = args["message"]["to_session"]
+                if None in subs or to is None or to in subs:
+                    return True
+            elif memlog.STREAM_KEY in subs:
+                return True
+        return False
 
     def _run_local(self, ident: bytes, req_id: int, command: str, args: dict[str, Any]) -> None:
         """Commands the IPC layer answers itself: streams, node information, mesh control,

@@ -32,7 +32,7 @@ class JournaledWrites:
 
     def __init__(self, config: Config, pipeline: WritePipeline, counters: Counter[str],
                  folded: Callable[[bool], None],
-                 wanted_here: Callable[[list[dict[str, Any]]], bool]) -> None:
+                 wanted_here: Callable[[list[list[Any]]], bool]) -> None:
         self.config = config
         self.pipeline = pipeline
         self.counters = counters
@@ -92,13 +92,13 @@ class JournaledWrites:
         enough are queued, else after a short delay (so one lone write does not wake the
         thread; sends routed from the journal do not wait for their fold); fold on the
         loop when the thread falls far behind (backpressure) or a local subscriber waits
-        for one of the messages just logged."""
+        for one of the records just logged (`wanted_here`: a message's recipient, or a
+        memory watch)."""
         assert self._loop is not None
         pending = self.pipeline.pending
-        sends = [r[1] for r in pending[-new:] if r[0] == "message.send"] if new else []
         if len(pending) >= self.config.journal_flush_max:
             self.flush()
-        elif sends and self._wanted_here(sends):
+        elif new and self._wanted_here(pending[-new:]):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._loop.call_soon(self.flush)  # type: ignore[assignment]

@@ -178,8 +178,10 @@ class MeshClaims:
                 return self._grant(resource, holder, ballot, deadline - self.clock(), ttl)
             exc, delay = self._failure(out, resource)
             if out[0] == "rejected" and duels < _DUEL_RETRIES:
-                duels += 1
+                # A ballot below a voter's promise: the rejection told us the promise, so
+                # the first retry goes at once, higher; only a duel backs off.
                 delay = self.rng.uniform(0.005, 0.05) * duels
+                duels += 1
             else:
                 tries += 1
                 delay = min(delay, self.rng.uniform(0.5, 1.0) * min(
@@ -235,7 +237,7 @@ class MeshClaims:
                                 f"session {out[1]!r} holds it")
             if out[0] != "rejected" or duel == _DUEL_RETRIES:
                 break
-            await asyncio.sleep(self.rng.uniform(0.005, 0.05) * (duel + 1))
+            await asyncio.sleep(self.rng.uniform(0.005, 0.05) * duel)   # (first: at once)
         raise self._failure(out, resource)[0]
 
     async def release(self, resource: str, holder: str, token: int) -> bool:
