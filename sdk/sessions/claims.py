@@ -76,6 +76,17 @@ class Lease:
         return self.remaining > 0
 
 
+def _usable(lease: Lease) -> Lease:
+    """A grant that arrived after its own deadline (this process, or its daemon, was paused
+    while the request was out) must not be acted on: the session holds the lease (its
+    daemon renews it while it is registered), so acquiring again gives it back, with a
+    fresh deadline and the same token."""
+    if not lease.valid:
+        raise LeaseLost(f"the lease on {lease.resource!r} (token {lease.token}) was granted "
+                        f"too late to act on: acquire again")
+    return lease
+
+
 def _args(command: str, **kw: Any) -> dict[str, Any]:
     return validate_args(command, kw)
 
@@ -96,7 +107,8 @@ class Claims:
         args = _args("claim.acquire", resource=resource, session_id=session_id, ttl=ttl,
                      wait=wait)
         sent = time.monotonic()
-        return Lease.from_view(self._call("claim.acquire", args, args["wait"] + ROUND_TRIP), sent)
+        return _usable(Lease.from_view(self._call("claim.acquire", args,
+                                                  args["wait"] + ROUND_TRIP), sent))
 
     def renew(self, lease: Lease) -> Lease:
         """Extend a lease by its TTL; the token stays. Raises LeaseLost when it is gone."""
@@ -270,8 +282,8 @@ class AsyncClaims:
         args = _args("claim.acquire", resource=resource, session_id=session_id, ttl=ttl,
                      wait=wait)
         sent = time.monotonic()
-        return Lease.from_view(await self._call("claim.acquire", args,
-                                                args["wait"] + ROUND_TRIP), sent)
+        return _usable(Lease.from_view(await self._call("claim.acquire", args,
+                                                        args["wait"] + ROUND_TRIP), sent))
 
     async def renew(self, lease: Lease) -> Lease:
         args = _args("claim.renew", resource=lease.resource, session_id=lease.holder,

@@ -6,8 +6,11 @@
 - `support.routing`: sessions spread over hosts and a sender of many messages;
 - `support.leaks`: daemons and network namespaces a test left behind (conftest checks);
 - `support.netlab`: hosts made of network namespaces on a bridge (the lab tests);
+- `support.lease_checker`: the claims history checker (exclusion, tokens, loss reports,
+  liveness), also a command line over JSONL histories;
 - scripts run by path: `mdns_announcer.py` (a foreign mDNS announcer), `seed_runner.py`
-  (runs the seed document's blocks in order); `script(name)` gives their path.
+  (runs the seed document's blocks in order), `claims_client.py` (a lab host's claims
+  client, recording its history); `script(name)` gives their path.
 
 The fixtures (`short_tmp`, `make_daemon`, `daemon`, `make_cluster`) are in tests/conftest.py.
 """
