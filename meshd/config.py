@@ -137,6 +137,11 @@ class Config:
     claim_timeout: float = 1.0            # s a claim round waits for a majority
     claim_renew_fraction: float = 1 / 3   # renew a held lease after this part of its TTL
     claim_max_resources: int = 100_000    # resources one voter tracks; more are refused
+    # --- the dashboard (docs/dashboard.md) ---------------------------------------------
+    http: str | None = None               # HOST:PORT of the web page, JSON API and /metrics;
+                                          # None = off (e.g. "127.0.0.1:8947")
+    http_token_file: str | None = None    # its token (else a random one, logged at start);
+                                          # required for a non-loopback HOST
 
     @classmethod
     def lan(cls, **overrides: object) -> "Config":
@@ -284,3 +289,73 @@ def default_data_dir(environ: Mapping[str, str] | None = None, system: bool = Fa
         return "/var/lib/meshd"
     state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/tmp")) / ".local" / "state")
     return str(Path(state_home) / "meshd")
+
+
+# --- the config file (meshd.toml) ----------------------------------------------------------
+# The `meshd` command reads its options from a TOML file (docs/configuration.md, "Config
+# file"); the click side is in meshd.main. Here: where the file is, and the `[tuning]` table,
+# whose keys are the names of Config's fields.
+
+#: The system service's config file (`meshd --system`, or root).
+SYSTEM_CONFIG_FILE = "/etc/meshd/meshd.toml"
+
+
+def default_config_file(environ: Mapping[str, str] | None = None, system: bool = False) -> str:
+    """The config file read when `--config` is not given, chosen as default_socket_path
+    chooses: /etc/meshd/meshd.toml for the service (`--system`), else
+    $XDG_CONFIG_HOME/meshd/meshd.toml, else /etc/meshd/meshd.toml for root and
+    ~/.config/meshd/meshd.toml for a user. A missing default file is no error."""
+    env = os.environ if environ is None else environ
+    if system:
+        return SYSTEM_CONFIG_FILE
+    if not env.get("XDG_CONFIG_HOME") and os.geteuid() == 0:
+        return SYSTEM_CONFIG_FILE
+    config_home = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "/tmp")) / ".config")
+    return str(Path(config_home) / "meshd" / "meshd.toml")
+
+
+def _field_kinds() -> dict[str, str]:
+    # Annotations are strings here (`from __future__ import annotations`).
+    return {name: str(f.type) for name, f in Config.__dataclass_fields__.items()}
+
+
+def tuning_overrides(table: Mapping[str, object]) -> dict[str, object]:
+    """Check a `[tuning]` table (Config field name -> value, as tomllib read it) against
+    Config's fields and their types; returns the values to give `Config.with_`. Raises
+    ValueError naming the key for an unknown field or a value of the wrong type."""
+    import math
+
+    kinds = _field_kinds()
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        kind = kinds.get(key)
+        if kind is not None and kind.endswith(" | None"):
+            kind = kind[: -len(" | None")]        # None is "not set": leave the key out
+        if kind is None:
+            import difflib
+            near = difflib.get_close_matches(key, list(kinds), n=1)
+            raise ValueError(f"unknown key {key!r} in [tuning]"
+                             + (f" (did you mean {near[0]!r}?)" if near else "")
+                             + "; its keys are the fields of Config in meshd/config.py")
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"[tuning] {key} must be true or false, not {value!r}")
+        elif kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind == "int" and not isinstance(value, int)):
+                what = "an integer" if kind == "int" else "a number"
+                raise ValueError(f"[tuning] {key} must be {what}, not {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"[tuning] {key} must be a finite number >= 0, not {value!r}")
+            value = float(value) if kind == "float" else value
+        elif kind == "str":
+            if not isinstance(value, str):
+                raise ValueError(f"[tuning] {key} must be a string, not {value!r}")
+        elif kind == "tuple[str, ...]":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"[tuning] {key} must be a list of strings, not {value!r}")
+            value = tuple(value)
+        else:
+            raise ValueError(f"[tuning] {key} cannot be set from a file (type {kind})")
+        out[key] = value
+    return out

@@ -49,6 +49,7 @@ class Daemon:
         self.pipeline: WritePipeline | None = None
         self.claims: Claims | None = None
         self.ipc: IPCServer | None = None
+        self.web: Any = None                # meshd.ipc.web.server.WebServer with --http
         self.mesh: Mesh | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._lock_fd: int | None = None
@@ -79,13 +80,25 @@ class Daemon:
         self.claims = mesh_claims or HostClaims(cfg, self.store, self._hosted_here)
         if mesh_claims is None:
             self.claims.start()
+        # With --http: metrics (/metrics, fed by the local API's timings) and the dashboard.
+        metrics = None
+        if cfg.http:
+            from meshd.ipc.web import load_metrics
+            metrics = load_metrics(self.info, self.mesh.peers if self.mesh else None)
         self.ipc = IPCServer(cfg, self.store, self._ctx, self.info,
                              Commands(self.store, self.outbox), self.pipeline,
                              peers=self.mesh.peers if self.mesh else None,
                              on_commit=self.mesh.committed if self.mesh else None,
                              on_journaled=self.mesh.router.send_new if self.mesh else None,
-                             control=self.control, claims=self.claims)
+                             control=self.control, claims=self.claims,
+                             observe=metrics.observe if metrics is not None else None)
         await self.ipc.start()
+        if cfg.http:                        # the dashboard (docs/dashboard.md); needs aiohttp
+            from meshd.ipc.web import server_class
+            self.web = server_class()(cfg, self.store, self.outbox, self._ctx, self.info,
+                                      peers=self.mesh.peers if self.mesh else None,
+                                      metrics=metrics)
+            await self.web.start()
         self._every(self._housekeeping, cfg.expiry_interval, "housekeeping")
         log.info("meshd %s ready: node %s, data in %s, durability=%s, peers on %s",
                  __version__, self.store.node_id, cfg.data_dir, cfg.durability,
@@ -146,7 +159,8 @@ class Daemon:
                 "durability": self.config.durability,
                 "uptime": round(time.time() - self._started_at, 3),
                 "peer_address": self.mesh.address if self.mesh else None,
-                "mesh": self.mesh.stats() if self.mesh else None, **self.ipc.stats()}
+                "mesh": self.mesh.stats() if self.mesh else None,
+                "http": self.web.stats() if self.web else None, **self.ipc.stats()}
 
     def control(self, command: str, args: dict[str, Any]) -> Any:
         """Mesh control from the local API (`sessions join`, `leave`, `force-leave`)."""
@@ -176,6 +190,9 @@ class Daemon:
         if self.claims is not None and (self.mesh is None or self.mesh.claims is None):
             await self.claims.stop()          # (the mesh stops its own)
         self.claims = None
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None

@@ -1,4 +1,5 @@
-"""The `meshd` command: builds a Config from flags and MESHD_* variables, sets up
+"""The `meshd` command: builds a Config from flags, MESHD_* variables and a TOML config
+file (flag > environment > file > default), sets up
 journald-friendly logging, and runs the daemon."""
 
 from __future__ import annotations
@@ -34,7 +35,215 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format=fmt)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# --- the config file (docs/configuration.md, "Config file") ---------------------------------
+# Built from click's own parameter list, so any option added to `main` can come from the file
+# with no more code: its TOML key is its long flag name (`-` or `_`), the file's values go in
+# click's default_map, and click's precedence is ours: flag > environment > file > default.
+
+#: Options that act rather than configure; never read from a file.
+NOT_IN_FILE = {"gen_key"}
+_FILE = "meshd.config_file"         # ctx.meta: {"path", "looked", "tuning"}
+
+
+class _MeshdCommand(click.Command):
+    """Keeps the raw arguments: which default config file applies depends on --system,
+    which is known only after the file's values were put in place."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["meshd.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _file_options(command: click.Command) -> dict[str, click.Option]:
+    """TOML key (long flag name, `-` form) -> the option it sets."""
+    keys: dict[str, click.Option] = {}
+    for p in command.params:
+        if (not isinstance(p, click.Option) or p.is_eager or not p.expose_value
+                or p.name in NOT_IN_FILE):
+            continue
+        for opt in p.opts:
+            if opt.startswith("--"):
+                keys.setdefault(opt[2:], p)
+    return keys
+
+
+def _file_value(ctx: click.Context, p: click.Option, key: str, value: object,
+                path: str) -> object:
+    """A value from the file, checked against the option's type (TOML types, not strings
+    to parse) and converted by click as a flag's would be."""
+    where = f"config file {path}: {key}"
+    many = p.multiple or p.nargs != 1
+    if many and not isinstance(value, list):
+        raise click.UsageError(f"{where} must be a list, e.g. {key} = [\"...\"], "
+                               f"not {value!r}", ctx)
+    items = value if many else [value]
+    ptype = p.type
+    for item in items:  # type: ignore[union-attr]
+        if isinstance(ptype, click.types.BoolParamType):
+            ok, what = isinstance(item, bool), "true or false"
+        elif isinstance(ptype, click.types.IntParamType):
+            ok, what = isinstance(item, int) and not isinstance(item, bool), "an integer"
+        elif isinstance(ptype, click.types.FloatParamType):
+            ok, what = (isinstance(item, (int, float)) and not isinstance(item, bool),
+                        "a number")
+        else:
+            ok, what = isinstance(item, str), "a string"
+        if not ok:
+            raise click.UsageError(f"{where} must be {what}"
+                                   + (" in a list" if many else "") + f", not {item!r}", ctx)
+    try:
+        out = [ptype.convert(item, p, ctx) for item in items]  # type: ignore[union-attr]
+    except click.BadParameter as exc:
+        raise click.UsageError(f"{where}: {exc.message}", ctx) from None
+    return tuple(out) if many else out[0]
+
+
+def _read_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--config's callback (eager: before every other option): read the file, check every
+    key, and hand the values to click as the defaults of the options they name."""
+    if ctx.resilient_parsing:
+        return
+    import tomllib
+    from meshd.config import default_config_file, tuning_overrides
+
+    explicit = value is not None
+    path = os.path.abspath(value) if explicit else default_config_file(
+        system="--system" in ctx.meta.get("meshd.argv", ()))
+    ctx.meta[_FILE] = {"path": None, "looked": path, "tuning": {}}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise click.BadParameter(f"{path}: no such file", ctx, param) from None
+        return                                   # no default file: nothing to read
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the config file {path}: {exc.strerror}",
+                               ctx) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.UsageError(f"config file {path} is not valid TOML: {exc}", ctx) from None
+    options = _file_options(ctx.command)
+    names = {p.name for p in ctx.command.params}
+    defaults: dict[str, object] = {}
+    tuning: dict[str, object] = {}
+    for key, v in data.items():
+        if key == "tuning":
+            if not isinstance(v, dict):
+                raise click.UsageError(f"config file {path}: tuning must be a table, "
+                                       "[tuning]", ctx)
+            try:
+                tuning = tuning_overrides(v)
+            except ValueError as exc:
+                raise click.UsageError(f"config file {path}: {exc}", ctx) from None
+            for k in tuning:
+                if k in names:
+                    raise click.UsageError(
+                        f"config file {path}: [tuning] {k} is an option: set it at the top "
+                        f"level, {k.replace('_', '-')} = ...", ctx)
+            continue
+        p = options.get(key.replace("_", "-"))
+        if p is None:
+            import difflib
+            near = difflib.get_close_matches(key.replace("_", "-"), list(options), n=1)
+            raise click.UsageError(
+                f"config file {path}: unknown key {key!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + "; keys are the long flag names of `meshd --help`, timing knobs go in "
+                  "[tuning]", ctx)
+        if p.name in defaults:
+            raise click.UsageError(f"config file {path}: {key!r} is given twice", ctx)
+        defaults[p.name] = _file_value(ctx, p, key, v, path)  # type: ignore[arg-type]
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[_FILE] = {"path": path, "looked": path, "tuning": tuning}
+
+
+def _file_tuning() -> dict[str, object]:
+    """The config file's [tuning] values (Config field -> value), for the preset."""
+    return dict(click.get_current_context().meta.get(_FILE, {}).get("tuning", {}))
+
+
+def _toml(name: str, value: object) -> str:
+    import json
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(name, v) for v in value) + "]"
+    if isinstance(value, int) and name == "socket_mode":
+        return f"0o{value:o}"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def _source(ctx: click.Context, p: click.Parameter, path: str | None) -> str:
+    from click.core import ParameterSource
+    src = ctx.get_parameter_source(p.name or "")
+    if src == ParameterSource.COMMANDLINE:
+        return "flag"
+    if src == ParameterSource.ENVIRONMENT:
+        env = p.envvar if isinstance(p.envvar, str) else " ".join(p.envvar or ())
+        return f"env {env}"
+    if src == ParameterSource.DEFAULT_MAP:
+        return f"file {path}"
+    return "default"
+
+
+def _line(text: str, comment: str) -> str:
+    return f"{text:<44} # {comment}"
+
+
+def _print_or_log_config(config: Config, overrides: dict[str, object], preset: str) -> bool:
+    """With --print-config: print the effective configuration, each value with where it
+    came from, as a TOML file meshd can read back; True then (the daemon does not start)."""
+    ctx = click.get_current_context()
+    info = ctx.meta.get(_FILE, {})
+    path = info.get("path")
+    if not ctx.meta.get("meshd.print_config"):
+        if path:
+            logging.getLogger("meshd").info("read the config file %s", path)
+        return False
+    out = ["# meshd --print-config: the effective configuration and where each value came "
+           "from.",
+           "# Precedence: flag > environment (MESHD_*) > config file > preset/default.",
+           f"# Config file: {path}" if path else
+           f"# Config file: none ({info.get('looked')} does not exist)", ""]
+    for key, p in _file_options(ctx.command).items():
+        value = ctx.params.get(p.name or "")
+        text = (f"# {key} = (not set)" if value is None
+                else f"{key} = {_toml(p.name or '', value)}")
+        out.append(_line(text, _source(ctx, p, path)))
+    out += ["", "# Every field of Config (meshd/config.py) as the daemon runs with it; those "
+            "set", "# by the options above are commented out here.", "[tuning]"]
+    names = {p.name for p in ctx.command.params}
+    plain = Config()
+    tuning = info.get("tuning", {})
+    for name in Config.__dataclass_fields__:
+        value = getattr(config, name)
+        if name in overrides:
+            src = "from the options above"
+        elif name in tuning:
+            src = f"file {path} [tuning]"
+        elif value != getattr(plain, name):
+            src = f"preset {preset}"
+        else:
+            src = "default"
+        text = (f"{name} = (not set)" if value is None else f"{name} = {_toml(name, value)}")
+        out.append(_line(("# " + text) if name in names or value is None else text, src))
+    click.echo("\n".join(out))
+    return True
+
+
+@click.command(cls=_MeshdCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", envvar="MESHD_CONFIG", default=None, metavar="FILE",
+              is_eager=True, expose_value=False, callback=_read_config_file,
+              help="TOML file of options: keys are the long flag names, timing knobs go "
+                   "in [tuning] (docs/configuration.md). Default: /etc/meshd/meshd.toml "
+                   "with --system, else $XDG_CONFIG_HOME/meshd/meshd.toml (~/.config/...; "
+                   "/etc/... for root), read if it exists [env MESHD_CONFIG].")
+@click.option("--print-config", is_flag=True, expose_value=False,
+              callback=lambda ctx, _p, v: ctx.meta.__setitem__("meshd.print_config", v),
+              help="Print the effective configuration, and where each value came from "
+                   "(flag, env, file, default), as TOML; then exit.")
 @click.option("--socket", "socket_path", envvar="MESHD_SOCKET", default=None,
               help="Local API socket path [env MESHD_SOCKET].")
 @click.option("--data-dir", envvar="MESHD_DATA_DIR", default=None,
@@ -101,6 +310,13 @@ def _setup_logging(level: str) -> None:
               help="Peer addresses of the 3 (or 5) daemons that vote on claims, the same "
                    "list on every daemon; without it claims are per host "
                    "(docs/claims.md) [env MESHD_VOTERS].")
+@click.option("--http", "http", envvar="MESHD_HTTP", default=None, metavar="HOST:PORT",
+              help="Serve the dashboard, its JSON API and /metrics there, e.g. "
+                   "127.0.0.1:8947 (docs/dashboard.md); off by default [env MESHD_HTTP].")
+@click.option("--http-token-file", envvar="MESHD_HTTP_TOKEN_FILE", default=None,
+              metavar="FILE", help="The dashboard's token (mode 0600); else a random one is "
+                   "logged at start. Required for a non-loopback --http "
+                   "[env MESHD_HTTP_TOKEN_FILE].")
 @click.option("--no-mesh", is_flag=True,
               help="Serve this host only: no peer port, no replication.")
 @click.option("--preset", type=click.Choice(["lan", "test"]), default="lan", show_default=True,
@@ -114,7 +330,8 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
          discovery_max_peers: int | None, discovery_max_resolves: int | None,
          key_file: str | None, gen_key: str | None, outbox_max_age: float | None,
          stale_after: float | None, memory_log_max: int | None, memory_history: int | None,
-         voters: str | None, no_mesh: bool, preset: str, log_level: str) -> None:
+         voters: str | None, http: str | None, http_token_file: str | None, no_mesh: bool,
+         preset: str, log_level: str) -> None:
     """Run the meshd daemon in the foreground."""
     from meshd.daemon import serve
     from meshd.mesh.security import generate_key_file, load_key
@@ -129,6 +346,7 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         return
     _setup_logging(log_level)
     base = Config.test() if preset == "test" else Config.lan()
+    base = base.with_(**_file_tuning())          # the config file's [tuning] table
     overrides: dict[str, object] = {
         "socket_path": socket_path or default_socket_path(system=system),
         "data_dir": data_dir or default_data_dir(system=system),
@@ -197,7 +415,17 @@ def main(socket_path: str | None, data_dir: str | None, system: bool, durability
         if no_mesh:
             raise click.BadParameter("claims voters need the mesh (drop --no-mesh)",
                                      param_hint="--voters")
+    if http:
+        from meshd.ipc.web import http_problem
+        problem = http_problem(http, http_token_file)
+        if problem:
+            raise click.BadParameter(problem, param_hint="--http")
+        overrides["http"] = http
+    if http_token_file:
+        overrides["http_token_file"] = os.path.abspath(http_token_file)
     config = base.with_(**overrides)
+    if _print_or_log_config(config, overrides, preset):
+        return
     try:
         # Before the store opens and the mesh starts: a socket directory another user
         # controls, or a file in the socket's place, is refused, never used or deleted.

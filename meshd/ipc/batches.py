@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from meshd.config import Config
 from meshd.errors import MeshError, StoreError
+from meshd.ipc.timing import Observe, observe_each
 from meshd.state.commands import Commands
 from meshd.state.store import Store
 from meshd.wire.ipc import OK, READ_ONLY, REGISTRY, encode_batch_replies, encode_error, encode_reply
@@ -87,7 +88,8 @@ class StoreBatches:
     def __init__(self, config: Config, store: Store, commands: Commands, counters: Counter[str],
                  send: Send, served: Callable[[], None], turn_done: Callable[[], None],
                  peers: Callable[[], list[dict[str, Any]]] | None,
-                 after: dict[str, Callable[[dict[str, Any]], None]] | None = None) -> None:
+                 after: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+                 observe: Observe | None = None) -> None:
         self.config = config
         self.store = store
         self.commands = commands
@@ -99,6 +101,7 @@ class StoreBatches:
         # Told the args of these commands once a batch with them ran (e.g. an unregister
         # frees the session's claims).
         self._after = after or {}
+        self.observe = observe          # told each request's time (`meshd.ipc.timing`)
         self.deferred: deque[list[Work]] = deque()     # slices of a big batch still to serve
         self._reply_bytes: dict[tuple[bytes, int], int] = {}   # per deferred batch frame
         self._scheduled = False
@@ -202,6 +205,7 @@ class StoreBatches:
         batch runs again with a savepoint around each request, so that only the failing
         ones are undone.
         """
+        started = time.perf_counter()
         read_only = all(w[2] in READ_ONLY for w in work)
         out: list[bytes] | None = None
         if not read_only and len(work) > 1:
@@ -216,6 +220,7 @@ class StoreBatches:
                 hook = self._after.get(w[2])
                 if hook is not None:
                     hook(w[3])
+        observe_each(self.observe, (w[2] for w in work), started)
         return out
 
     def _apply(self, work: list[Work], read_only: bool, isolate: bool) -> list[bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -78,9 +79,20 @@ class LaterReplies:
         return len(self._tasks)
 
 
-async def _view(work: Awaitable[Any]) -> Any:
+async def _view(work: Awaitable[Any], received: float | None = None) -> Any:
+    """A grant for the wire. With `received` (when the request came in), also how long the
+    daemon spent on it: the holder's deadline is then counted from its own send time plus
+    that (a waiting acquire does not eat into the lease), still never past the deadline
+    the daemon itself keeps (the client sent before the daemon received: same host, same
+    monotonic clock)."""
     grant = await work
-    return None if grant is None else grant.view()
+    if grant is None:
+        return None
+    elapsed = None if received is None else max(0.0, time.monotonic() - received)
+    view = grant.view()                 # (valid_for read after elapsed: never too long)
+    if elapsed is not None:
+        view["elapsed"] = elapsed
+    return view
 
 
 async def _views(work: Awaitable[Any]) -> Any:
@@ -91,9 +103,9 @@ def claim_handlers(claims: "Claims") -> dict[str, Handler]:
     """The claim.* commands (`meshd.wire.ipc.REGISTRY`), served by the claims service."""
     return {
         "claim.acquire": lambda _i, _r, a: _view(claims.acquire(
-            a["resource"], a["session_id"], a["ttl"], a["wait"])),
+            a["resource"], a["session_id"], a["ttl"], a["wait"]), time.monotonic()),
         "claim.renew": lambda _i, _r, a: _view(claims.renew(
-            a["resource"], a["session_id"], a["token"])),
+            a["resource"], a["session_id"], a["token"]), time.monotonic()),
         "claim.release": lambda _i, _r, a: claims.release(
             a["resource"], a["session_id"], a["token"]),
         "claim.holder": lambda _i, _r, a: _view(claims.holder(a["resource"])),

@@ -27,7 +27,9 @@ from meshd.errors import MeshError
 from meshd.ipc.batches import DEFER_OVER, StoreBatches, Work
 from meshd.ipc.later import LaterReplies, claim_handlers
 from meshd.ipc.memwatch import MemoryWatch
+from meshd.ipc.monitor import Monitor
 from meshd.ipc.streams import Limits, Streams
+from meshd.ipc.timing import Observe, now, observe_each, timed
 from meshd.ipc.writes import JournaledWrites
 from meshd.mesh.drain import SocketDrain
 from meshd.state import memlog, sessions
@@ -88,13 +90,15 @@ class IPCServer:
                  peers: Callable[[], list[dict[str, Any]]] | None = None,
                  on_commit: Callable[[], None] | None = None,
                  on_journaled: Callable[[], None] | None = None,
-                 control: Control | None = None, claims: "Claims | None" = None) -> None:
+                 control: Control | None = None, claims: "Claims | None" = None,
+                 observe: Observe | None = None) -> None:
         self.config = config
         self.store = store
         self.path = config.socket_path
         self.node_info = node_info
         self.peers = peers
         self.control = control
+        self.observe = observe          # told each request's time (`meshd.ipc.timing`)
         # Told after writes reach SQLite (replication pushes them to peers), and after
         # sends were journaled (the router sends them to other daemons at once).
         self.on_commit = on_commit or (lambda: None)
@@ -111,7 +115,7 @@ class IPCServer:
         self.memwatch = MemoryWatch(config, store, self.streams, self._recheck)
         self.batches = StoreBatches(
             config, store, commands, self.counters, self._send, self._served, self._recheck,
-            peers, after=None if claims is None else {
+            peers, observe=observe, after=None if claims is None else {
                 "session.unregister": lambda a: claims.session_gone(a["session_id"])})
         self.writes = (None if pipeline is None else JournaledWrites(
             config, pipeline, self.counters, self._folded, self._pushes_locally))
@@ -130,6 +134,8 @@ class IPCServer:
         self.later = LaterReplies(self._send, self.counters, self._recheck)
         if claims is not None:
             self._local.update(claim_handlers(claims))
+        self.monitor = Monitor(self._send, config.stream_idle_timeout)   # node.monitor
+        self._send = self.monitor.install(self._local, self._send)  # type: ignore[method-assign]
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -169,6 +175,7 @@ class IPCServer:
         if self.writes is not None:
             self.writes.stop()              # the pipeline folds the rest when it closes
         self.later.cancel()                 # claim requests in flight: their clients time out
+        self.monitor.close()
         if self._raw is None:
             return
         if self._drain is not None:
@@ -308,7 +315,9 @@ class IPCServer:
             store_work = []
         if journaled:
             assert self.writes is not None
+            started = now()
             results = self.writes.run(store_work)
+            observe_each(self.observe, (w[2] for w in store_work), started)
         elif store_work:
             results = self.batches.run(store_work)
         else:
@@ -329,11 +338,13 @@ class IPCServer:
         elif store_work:
             self._served()              # writes, or journaled ones a read just folded
         for ident, req_id, command, args, _ in local_work:
+            started = now()
             try:
                 self._run_local(ident, req_id, command, args)
             except Exception:                    # one bad command must not skip the rest
                 log.exception("command %s failed", command)
                 self.counters["internal_errors"] += 1
+            observe_each(self.observe, () if command.startswith("claim.") else (command,), started)
         if self.batches.deferred and not self.batches.scheduled:
             self.batches.serve_deferred()
 
@@ -382,7 +393,8 @@ class IPCServer:
                     raise MeshError("claims are not served by this daemon")
                 raise MeshError(f"command {command!r} is not served here")
             if command.startswith("claim."):
-                self.later.answer(ident, req_id, handler(ident, req_id, args))
+                self.later.answer(ident, req_id,
+                                  timed(self.observe, command, handler(ident, req_id, args)))
                 return
             result = handler(ident, req_id, args)
             if command not in ("stream.subscribe", "memory.watch"):   # (answer, then push)

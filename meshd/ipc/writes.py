@@ -145,4 +145,5 @@ class JournaledWrites:
         folder = self._folder
         return {"folded": folder.folded if folder else 0,
                 "checkpoints": folder.checkpoints if folder else 0,
+                "checkpoint_seconds": round(folder.checkpoint_seconds, 6) if folder else 0.0,
                 **self.pipeline.stats()}

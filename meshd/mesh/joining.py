@@ -187,10 +187,13 @@ class Joiner:
             problem = (f"no answer after {p.attempts} attempt(s): is meshd running there, "
                        f"reachable over TCP,{key}?")
         p.reason = problem
+        fields = {"address": addr, "attempts": p.attempts, "source": p.source, "reason": problem}
+        log.debug("join attempt %d to %s", p.attempts, addr,
+                  extra={"event": "join.attempt", "fields": fields})
         if p.source != "discovered" and p.attempts & (p.attempts - 1) == 0 and (
                 p.attempts >= 2 or "resolve" in problem):
             log.warning("joining %s: %s (retrying, at most every %.0f s)", addr, problem,
-                        self.config.join_retry_max)
+                        self.config.join_retry_max, extra={"event": "join.retry", "fields": fields})
 
     def _probe_silent_seeds(self, now: float) -> None:
         """Find out why seeds stay silent (a few at a time, each at most every 30 s), so
@@ -206,7 +209,8 @@ class Joiner:
                 continue
             cause = verdict or SILENT_PEER
             if cause != p.cause and p.source != "discovered":
-                log.warning("joining %s: %s", addr, cause)
+                log.warning("joining %s: %s", addr, cause, extra={
+                    "event": "join.refused", "fields": {"address": addr, "reason": cause}})
             p.cause, p.reason = cause, f"no answer after {p.attempts} attempt(s): {cause}"
         for addr, p in self._pending.items():
             if len(self._probes) >= 4:
@@ -222,7 +226,8 @@ class Joiner:
     def _joined_seed(self, addr: str) -> None:
         p = self._pending.pop(addr, None)
         if p is not None and p.attempts > 1:
-            log.info("joined %s after %d attempt(s)", addr, p.attempts)
+            log.info("joined %s after %d attempt(s)", addr, p.attempts, extra={
+                "event": "join.ok", "fields": {"address": addr, "attempts": p.attempts}})
 
     # --- what the mesh tells it ----------------------------------------------------------------
 

@@ -169,7 +169,8 @@ class Membership:
             m.state = state
             m.state_since = self.clock()
             log.info("member %s (%s) is now %s (incarnation %d)", m.node_id[:12], m.address,
-                     state.name.lower(), incarnation)
+                     state.name.lower(), incarnation, extra=_event(
+                         f"member.{state.name.lower()}", m, old=old.name.lower()))
             if state in (MemberState.DEAD, MemberState.LEFT) and not any(
                     o.up and o.address == m.address for o in self.members.values()):
                 self.transport.forget(m.address)     # unless a new identity lives there
@@ -247,7 +248,8 @@ class Membership:
         self.members[node_id] = m
         self._order.append(node_id)
         self.broadcasts.put(m.update())
-        log.info("member %s (%s) joined as %s", node_id[:12], address, m.state.name.lower())
+        log.info("member %s (%s) joined as %s", node_id[:12], address, m.state.name.lower(),
+                 extra=_event("member.join", m))
         self._pin()
         self.on_change(m, None)
 
@@ -399,7 +401,8 @@ class Membership:
             elif (m.state in (MemberState.DEAD, MemberState.LEFT)
                   and now - m.state_since >= self.config.reap_after):
                 log.info("forgetting member %s, %s for %.0fs", m.node_id[:12],
-                         m.state.name.lower(), now - m.state_since)
+                         m.state.name.lower(), now - m.state_since,
+                         extra=_event("member.reap", m))
                 self._forget(m)
         for seq in [s for s, r in self._relays.items() if r[2] < now]:
             del self._relays[seq]
@@ -438,3 +441,10 @@ def _above(incarnation: int) -> int:
     """The incarnation that outranks `incarnation`, saturating at the protocol's maximum
     (unreachable: see the module docstring; but never a value the peers would refuse)."""
     return min(incarnation + 1, MAX_INCARNATION)
+
+
+def _event(kind: str, m: Member, **more: object) -> dict[str, object]:
+    """A log record's `extra` that makes it a structured event (see meshd.ipc.monitor)."""
+    return {"event": kind, "fields": {"node_id": m.node_id, "address": m.address,
+                                      "state": m.state.name.lower(),
+                                      "incarnation": m.incarnation, **more}}

@@ -214,8 +214,12 @@ class Mesh:
     def peers(self) -> list[dict[str, Any]]:
         with self.store.read(fold=False):
             mine = replication.digest(self.store)
-        out = []
+        out, pulls = [], self.replicator.catching_up()
         for p in self.membership.peers():
+            mine_up = [c for c in pulls if c["peer"] == p.get("address")]   # catch-up progress
+            p["catching_up"] = {"done": sum(c["known"] - c["start"] for c in mine_up),
+                                "total": sum(c["target"] - c["start"] for c in mine_up),
+                                "origins": len(mine_up)} if mine_up else None
             m = self.membership.members[p["node_id"]]
             if m.digest_at:
                 p["behind"] = sum(max(0, v - m.digest.get(o, 0)) for o, v in mine.items())

@@ -86,6 +86,9 @@ class Replicator:
         # and when; and the last knowledge of it that its counter covered.
         self._doubts: dict[str, tuple[int, float]] = {}
         self._confirmed: dict[str, int] = {}
+        # origin -> a catch-up under way: peer, our knowledge at its start, the peer's
+        # (the target), ours now; for progress in `sessions peers` and `sessions monitor`.
+        self._catchup: dict[str, dict[str, Any]] = {}
 
     def start(self) -> None:
         with self.store.read(fold=False):
@@ -152,6 +155,7 @@ class Replicator:
         """Pull chains that stopped answering expire; one SYNC to a random member."""
         now = self.clock()
         self._pulling = {o: p for o, p in self._pulling.items() if p[1] > now}
+        self._catchup = {o: c for o, c in self._catchup.items() if o in self._pulling}
         self.sync_with_random()
 
     def sync_with_random(self) -> None:
@@ -220,6 +224,9 @@ class Replicator:
             return
         for origin, version in behind.items():
             if version > mine[origin]:
+                c = self._catchup.setdefault(origin, {"peer": address, "start": mine[origin],
+                                                      "known": mine[origin], "at": 0.0})
+                c["target"] = max(version, c.get("target", 0))
                 self._pull(address, origin, mine[origin])
             else:
                 self.counters["pulls_avoided"] += 1
@@ -241,6 +248,9 @@ class Replicator:
         self._pulling[origin] = (address, now + self.config.sync_interval * 2)
         self.transport.send(address, FrameType.PULL, {"origin": origin, "after": after})
         self.counters["pulls"] += 1
+        log.debug("pulling %s's records after version %d from %s", origin[:12], after, address,
+                  extra={"event": "replication.pull",
+                         "fields": {"origin": origin, "peer": address, "after": after}})
 
     def on_pull(self, reply_to: str, body: dict[str, Any]) -> None:
         if not self.transport.pinned(reply_to):
@@ -328,6 +338,8 @@ class Replicator:
             self.counters["merge_errors"] += 1
             return
         self.counters["records_in"] += len(good)
+        if origin in self._catchup:
+            self._progress(origin, known_after)
         self.counters["records_changed"] += changed
         if dropped:
             return                    # anti-entropy asks again later, not in a tight loop
@@ -361,5 +373,27 @@ class Replicator:
             log.info("collected %d session tombstone(s) every member holds", s)
         return n + s
 
+    def _progress(self, origin: str, known: int) -> None:
+        """A catch-up chunk merged: say how far along it is (every 2 s, and when done)."""
+        c = self._catchup[origin]
+        c["known"] = known
+        span, done, now = max(1, c["target"] - c["start"]), known >= c["target"], self.clock()
+        if done:
+            del self._catchup[origin]
+        if done or now - c["at"] >= 2.0:
+            c["at"] = now
+            pct = min(100, 100 * (known - c["start"]) // span)
+            log.log(logging.INFO if span >= 100 else logging.DEBUG,
+                    "catching up on %s from %s: %d%% (version %d of %d)", origin[:12],
+                    c["peer"], pct, known, c["target"], extra={
+                        "event": "replication.caught_up" if done else "replication.progress",
+                        "fields": {"origin": origin, "peer": c["peer"], "known": known,
+                                   "target": c["target"], "progress": pct / 100}})
+
+    def catching_up(self) -> list[dict[str, Any]]:
+        return [{"origin": o, "peer": c["peer"], "start": c["start"], "known": c["known"],
+                 "target": c["target"]} for o, c in self._catchup.items()]
+
     def stats(self) -> dict[str, Any]:
-        return {"pushed_through": self.pushed, "counters": dict(self.counters)}
+        return {"pushed_through": self.pushed, "counters": dict(self.counters),
+                "catching_up": self.catching_up()}

@@ -186,6 +186,9 @@ class Router:
                 q = self._queues[key] = RouteQueue(first, first - 1, last, self.config.route_retry)
             elif now >= q.resend_at:
                 self.counters["resends"] += 1
+                log.info("resending to %s from item %d (no acknowledgement in time)", dest[:12],
+                         first, extra={"event": "route.retry", "fields": {
+                             "node": dest, "lane": lane, "first": first, "last": last}})
                 q.backoff = min(q.backoff * 2, self.config.route_retry_max)
                 q.first, q.sent, q.frames, q.resend_at = first, first - 1, 0, _NEVER
             q.last = max(q.last, last)
@@ -209,6 +212,9 @@ class Router:
             if not self.transport.send_frame(address, frame):
                 return                                # dropped (queue full): the timer resends
             self.counters["route_frames"] += 1
+            log.debug("routed %d item(s) to %s", len(items), dest[:12], extra={
+                "event": "route.batch", "fields": {"node": dest, "lane": lane,
+                                                   "items": len(items), "first": q.first}})
             q.sent = items[-1][0]
             q.frames += 1
             if q.resend_at == _NEVER:
@@ -367,7 +373,8 @@ class Router:
         for mid, to in unclaimed:
             self.counters["expired_waiting"] += 1
             log.warning("message %s to %s expired: no session with that id registered "
-                        "within the outbox's age limit", mid, to)
+                        "within the outbox's age limit", mid, to, extra={
+                            "event": "route.expired", "fields": {"message_id": mid, "to": to}})
         self._report_expired(gone)
         return len(gone) + len(unclaimed)
 
@@ -393,12 +400,16 @@ class Router:
                 continue
             self.counters["expired"] += 1
             log.warning("message %s %s node %s expired in the outbox (undelivered)", mid,
-                        "forwarded to" if kind == "fwd" else "to", dest[:12])
+                        "forwarded to" if kind == "fwd" else "to", dest[:12], extra={
+                            "event": "route.expired",
+                            "fields": {"message_id": mid, "node": dest, "kind": kind}})
 
     def stats(self) -> dict[str, Any]:
         with self.store.read(fold=False):
             queues = self.outbox.destinations()
+        now_ms = int(self.store.now() * 1000)
         return {"counters": {**self.counters, "acked_items": self.outbox.acked_items},
                 "cached_bytes": sum(q.cache_bytes for q in self._queues.values()),
                 "outbox": [{"node": d, "lane": "high" if lane == 0 else "normal",
-                            "items": n} for d, lane, n, *_ in queues]}
+                            "items": n, "oldest_age": round(max(0, now_ms - oldest) / 1000, 3)}
+                           for d, lane, n, _first, _last, oldest in queues]}

@@ -35,6 +35,7 @@ class FoldThread:
         self.checkpoint_interval = checkpoint_interval
         self.folded = 0
         self.checkpoints = 0
+        self.checkpoint_seconds = 0.0     # spent in checkpoints that worked (for metrics)
         self.checkpoint_failures = 0      # in a row, until one works again
         self._wake = threading.Event()
         self._stopping = False
@@ -80,6 +81,7 @@ class FoldThread:
     def _checkpoint(self) -> None:
         """A failure is said once, not every interval (a full disk fails them all until
         space is freed), and so is the recovery."""
+        started = time.monotonic()
         try:
             self.store.checkpoint()
         except Exception as exc:              # keep folding; try again next time
@@ -88,6 +90,7 @@ class FoldThread:
                             "works): %s", self.checkpoint_interval, exc)
             self.checkpoint_failures += 1
             return
+        self.checkpoint_seconds += time.monotonic() - started
         self.checkpoints += 1
         if self.checkpoint_failures:
             log.info("checkpoints work again, after %d failed", self.checkpoint_failures)

@@ -98,6 +98,21 @@ def _msgtypes(v: Any, f: str) -> list[str]:
     return [s.enum_value(x, s.MessageType, f) for x in s.str_list(v, f)]
 
 
+#: The levels `node.monitor` filters on; how many past events it may ask for first.
+MONITOR_LEVELS = ("debug", "info", "warning", "error")
+MAX_MONITOR_BACKLOG = 256
+
+
+def _monitor_level(v: Any, f: str) -> str:
+    if v not in MONITOR_LEVELS:
+        raise InvalidArgument(f"{f} must be one of {', '.join(MONITOR_LEVELS)}")
+    return str(v)
+
+
+def _backlog(v: Any, f: str) -> int:
+    return s.count(v, f, 0, MAX_MONITOR_BACKLOG)
+
+
 def _opt_count(v: Any, f: str) -> int | None:
     return None if v is None else s.count(v, f)
 
@@ -250,6 +265,10 @@ REGISTRY: dict[str, Command] = {c.name: c for c in [
                                       window=(_opt_count, None)), served_by="streams"),
     Command("stream.ack", _spec(sub=(s.count, R), cursor=(s.count, R)), served_by="streams"),
     Command("stream.close", _spec(sub=(s.count, R)), served_by="streams"),
+    # the daemon's own events, pushed like a stream (meshd.ipc.monitor): acked and closed
+    # with stream.ack / stream.close
+    Command("node.monitor", _spec(level=(_monitor_level, "info"), backlog=(_backlog, 0)),
+            served_by="streams"),
 ]}
 
 #: The argument validators by command name.

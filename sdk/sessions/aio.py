@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, Callable
 
+from meshd.errors import InvalidArgument
 from meshd.wire.ipc import validate_args
 from meshd.wire.schema import enum_value
 from sessions import _ops as ops
@@ -25,6 +26,7 @@ from sessions._aioclient import AsyncClient
 from sessions._backend import DirectoryBackend
 from sessions._core import Pages
 from sessions._memwatch import AsyncMemoryWatch, DirectoryMemoryWatch, MemoryWatch
+from sessions._monitor import AsyncMonitorStream, MonitorStream
 from sessions._stream import DirectoryStream, MessageStream, Stream
 from sessions.claims import AsyncClaims  # noqa: F401  (the claims' asyncio twin)
 from sessions.keepalive import DEFAULT_INTERVAL, AsyncKeepAlive
@@ -34,7 +36,7 @@ from sessions.models import MemoryVersion
 log = logging.getLogger("sessions.aio")
 
 __all__ = ["AsyncClient", "AsyncSessionRegistry", "AsyncCollaborationHub", "AsyncSharedMemory",
-           "AsyncMessageStream", "AsyncClaims", "AsyncMemoryWatch"]
+           "AsyncMessageStream", "AsyncClaims", "AsyncMemoryWatch", "AsyncMonitorStream"]
 
 
 class _AsyncBase:
@@ -107,6 +109,13 @@ class AsyncSessionRegistry(_AsyncBase):
         """`async with registry.keepalive(id):` pings the session every `interval` seconds
         from a task on the running loop (NotFound at once if it is not registered)."""
         return AsyncKeepAlive(self.ping, session_id, interval)
+
+    async def monitor(self, level: str = "info", backlog: int = 0) -> AsyncMonitorStream:
+        """As SessionRegistry.monitor: the daemon's live events."""
+        if self._client is None:
+            raise InvalidArgument("monitor needs a daemon: a sessions directory has no events")
+        path = self._client.path
+        return AsyncMonitorStream(await asyncio.to_thread(MonitorStream, path, level, backlog))
 
     async def join(self, address: str) -> dict[str, Any]:
         return await self._run(ops.join(address))

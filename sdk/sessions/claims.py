@@ -62,9 +62,16 @@ class Lease:
 
     @classmethod
     def from_view(cls, d: dict[str, Any], sent_at: float) -> "Lease":
+        """`sent_at`: this process's monotonic time before the request went out. The daemon
+        says how long it spent on the request (`elapsed`, e.g. waiting for a busy resource)
+        and how long the lease is valid from its answer (`valid_for`): the deadline counts
+        from our send time plus that, which is never later than the daemon's own deadline
+        (we sent before it received; one host, one monotonic clock)."""
+        valid_for = float(d["valid_for"])
+        elapsed = float(d.get("elapsed") or 0.0)
         return cls(resource=d["resource"], holder=d["holder"], token=int(d["token"]),
-                   ttl=float(d["ttl"]), scope=d["scope"], valid_for=float(d["valid_for"]),
-                   expires_at=d.get("expires_at", ""), deadline=sent_at + float(d["valid_for"]))
+                   ttl=float(d["ttl"]), scope=d["scope"], valid_for=valid_for,
+                   expires_at=d.get("expires_at", ""), deadline=sent_at + elapsed + valid_for)
 
     @property
     def remaining(self) -> float:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from meshd.errors import InvalidArgument
 from sessions import _ops as ops
-from sessions._backend import Backend, backend_for
+from sessions._backend import Backend, DaemonBackend, backend_for
+from sessions._monitor import MonitorStream
 from sessions.keepalive import DEFAULT_INTERVAL, KeepAlive
 from sessions.models import Session, SessionStatus
 
@@ -83,6 +85,19 @@ class SessionRegistry:
         pings it every `interval` seconds in a background thread (or call `.start()` and
         `.stop()`). Raises NotFound at once if the session is not registered."""
         return KeepAlive(self.ping, session_id, interval)
+
+    def monitor(self, level: str = "info", backlog: int = 0) -> MonitorStream:
+        """What this host's daemon sees and does, live (Serf's `monitor`): an iterator of
+        `MonitorEvent`s at `level` (debug, info, warning, error) or above, from now on
+        (after the last `backlog` recent ones, up to 256). Members joining, suspect, dead
+        and left; joins attempted and refused; replication pulls and catch-up progress;
+        routed batches, retries and expiries; client errors; and the daemon's log. A
+        reader too slow gets a `monitor.dropped` event saying how many it missed. Follows
+        the daemon across restarts; `close()` ends it. Needs a daemon."""
+        b = self._backend
+        if not isinstance(b, DaemonBackend):
+            raise InvalidArgument("monitor needs a daemon: a sessions directory has no events")
+        return MonitorStream(b.client.path, level, backlog)
 
     def join(self, address: str) -> dict[str, Any]:
         """Ask this host's daemon to join the mesh at HOST:PORT (retried with backoff until

@@ -66,6 +66,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     # Never mDNS on this machine's own network: only lab tests (namespaces) turn it on.
     env["MESHD_DISCOVERY"] = "0"
     env.pop("MESHD_ADVERTISE", None)
+    # No config file of this machine's user (or root's /etc/meshd/meshd.toml) in a test:
+    # the tests that read one say so (tests/daemon/test_config_file.py).
+    env["MESHD_CONFIG"] = "/dev/null"
     env.update(extra)
     return env
 

@@ -14,6 +14,7 @@ import pytest
 from sessions import CollaborationHub, KeepAlive, SessionRegistry, SharedMemory
 from sessions._client import Client
 from sessions._memwatch import AsyncMemoryWatch, DirectoryMemoryWatch, MemoryWatch
+from sessions._monitor import AsyncMonitorStream, MonitorStream
 from sessions._stream import DirectoryStream, MessageStream
 from sessions.aio import (
     AsyncClient, AsyncCollaborationHub, AsyncMessageStream, AsyncSessionRegistry,
@@ -26,7 +27,7 @@ PAIRS = [(SessionRegistry, AsyncSessionRegistry), (CollaborationHub, AsyncCollab
          (SharedMemory, AsyncSharedMemory), (KeepAlive, AsyncKeepAlive),
          (MessageStream, AsyncMessageStream), (DirectoryStream, AsyncMessageStream),
          (Client, AsyncClient), (Claims, AsyncClaims), (MemoryWatch, AsyncMemoryWatch),
-         (DirectoryMemoryWatch, AsyncMemoryWatch)]
+         (DirectoryMemoryWatch, AsyncMemoryWatch), (MonitorStream, AsyncMonitorStream)]
 ids = [f"{b.__name__}-{a.__name__}" for b, a in PAIRS]
 
 #: What a blocking type becomes on the asyncio side.
@@ -34,7 +35,7 @@ TWINS = {"KeepAlive": "AsyncKeepAlive", "Stream": "AsyncMessageStream",
          "MessageStream": "AsyncMessageStream", "SessionRegistry": "AsyncSessionRegistry",
          "CollaborationHub": "AsyncCollaborationHub", "SharedMemory": "AsyncSharedMemory",
          "Client": "AsyncClient", "Claims": "AsyncClaims", "Held": "AsyncHeld",
-         "MemoryWatch": "AsyncMemoryWatch"}
+         "MemoryWatch": "AsyncMemoryWatch", "MonitorStream": "AsyncMonitorStream"}
 #: Extra constructor keywords of the asyncio classes: several objects share one connection
 #: (the blocking objects share theirs per process, so they need no such argument).
 ASYNC_ONLY_INIT = {"client"}
@@ -80,7 +81,8 @@ def hints(fn: Any) -> dict[str, str]:
 @pytest.mark.parametrize("blocking, aio", PAIRS, ids=ids)
 def test_same_methods_same_parameters(blocking: type, aio: type) -> None:
     b, a = public(blocking), public(aio)
-    if blocking in (MessageStream, DirectoryStream, MemoryWatch, DirectoryMemoryWatch):
+    if blocking in (MessageStream, DirectoryStream, MemoryWatch, DirectoryMemoryWatch,
+                    MonitorStream):
         # A blocking stream also exposes its plain fields (path, session_id, ...); the
         # asyncio face carries the ones a caller uses: next, close, cursor (a plain
         # attribute of DirectoryStream, so not seen on its class).
@@ -126,7 +128,7 @@ def test_the_asyncio_methods_are_coroutines_or_return_the_async_twin(blocking, a
             continue
         if name in ("keepalive", "hold"):            # return an async context manager
             continue
-        if aio in (AsyncMessageStream, AsyncMemoryWatch) and name == "close":   # never waits
+        if aio in (AsyncMessageStream, AsyncMemoryWatch, AsyncMonitorStream) and name == "close":   # never waits
             continue
         assert inspect.iscoroutinefunction(getattr(aio, name)), \
             f"{aio.__name__}.{name} is not a coroutine"

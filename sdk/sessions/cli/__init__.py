@@ -14,7 +14,9 @@ import sys
 import click
 
 from sessions import SessionsError
-from sessions.cli import agents, claims, mcp, memory, messages, node, registry  # noqa: F401  (they register)
+from sessions.cli import (  # noqa: F401  (they register)
+    agents, claims, mcp, memory, messages, monitor, node, registry,
+)
 from sessions.cli._base import cli
 
 __all__ = ["cli", "main"]

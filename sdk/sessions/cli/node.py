@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from sessions.cli._base import Ctx, cli, emit_json, fail, json_option, pass_ctx
+from sessions.cli.monitor import progress_bar
 
 
 @cli.command()
@@ -135,6 +136,10 @@ def peers(c: Ctx, as_json: bool) -> None:
         behind = "?" if p["behind"] is None else str(p["behind"])
         click.echo(f"{p['node_id'][:12]:<14}{p['address']:<24}{p['state']:<9}"
                    f"{p['incarnation']:>15}{contact:>10}{behind:>8}")
+        up = p.get("catching_up")
+        if up and up.get("total"):
+            click.echo(f"   ⇣ catching up from it: {progress_bar(up['done'] / up['total'])} "
+                       f"({up['done']} of {up['total']} version(s), {up['origins']} origin(s))")
     for p in pending:
         click.echo(f"⏳ pending join {p['address']} ({p['source']}, {p['attempts']} "
                    f"attempt(s) over {p['since']:g}s): {p['reason']}")
