@@ -14,6 +14,7 @@ import os
 import socket as pysocket
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import zmq
@@ -187,7 +188,13 @@ class Client:
             self._reset()
 
 
-_clients: dict[tuple[str, float], Client] = {}
+#: Shared clients kept open at most; past it the least recently used one closes its
+#: socket (it opens one again if its objects call once more). A process that talks to
+#: many daemons in turn (a test suite, a tool walking hosts) must not pile up sockets
+#: until ZeroMQ's limit (1023 per context) refuses new ones.
+MAX_SHARED_CLIENTS = 64
+
+_clients: "OrderedDict[tuple[str, float], Client]" = OrderedDict()
 _clients_lock = threading.Lock()
 
 
@@ -199,6 +206,10 @@ def shared_client(socket_path: str | None = None, timeout: float | None = None) 
         client = _clients.get((path, t))
         if client is None:
             client = _clients[(path, t)] = Client(path, t)
+            while len(_clients) > MAX_SHARED_CLIENTS:
+                _clients.popitem(last=False)[1].close()
+        else:
+            _clients.move_to_end((path, t))
         return client
 
 

@@ -345,3 +345,18 @@ def test_keepalive_decisions(caplog: pytest.LogCaptureFixture) -> None:
     assert [r.getMessage() for r in caplog.records] == [
         "keep-alive: session s1 is not registered any more",
         "keep-alive ping for s1 failed, retrying: slow"]
+
+
+def test_shared_clients_are_bounded_and_the_least_recently_used_closes_its_socket(tmp_path):
+    """A process that talks to many daemons in turn (this test suite does) must not pile up
+    DEALER sockets until ZeroMQ refuses new ones (1023 per context)."""
+    from sessions import _client
+
+    first = _client.shared_client(str(tmp_path / "s0.sock"), 1.0)
+    first._sock = _client.new_dealer(str(tmp_path / "s0.sock"))   # as after a call
+    for i in range(1, _client.MAX_SHARED_CLIENTS + 5):
+        _client.shared_client(str(tmp_path / f"s{i}.sock"), 1.0)
+    assert len(_client._clients) <= _client.MAX_SHARED_CLIENTS
+    assert first._sock is None                    # evicted: its socket closed
+    again = _client.shared_client(str(tmp_path / "s0.sock"), 1.0)
+    assert again is not first                     # a new client when asked again
