@@ -361,8 +361,11 @@ def test_claims_stay_exclusive_under_partitions_kills_and_pauses(claims_lab):
     grants = len(report.grants)
     assert grants >= 10, f"only {grants} grants in {run_for} s (seed {run_seed})"
     assert {g.resource for g in report.grants} == set(RESOURCES)
-    assert any(e["ev"] == "lost" for g in report.grants for e in g.terminals), \
-        "no lease was ever lost: the faults did not reach a holder"
+    # The faults reached holders: a lease lost, or a holder's renewal or release refused
+    # while its daemon was stopped, cut off or killed (which of these a seed gives varies).
+    hit = [e for g in report.grants for e in g.terminals if e["ev"] in ("lost", "release.fail")]
+    assert hit or any('"renew.fail"' in h.read_text() for h in cl.histories()), \
+        "no fault ever reached a holder: no loss, no failed renewal or release"
     assert report.liveness_checked >= 1, \
         f"no fault of a holder's host was judged for liveness (seed {run_seed})"
 
