@@ -12,18 +12,12 @@ import sys
 import time
 from typing import Any
 
-from support.daemons import CHILD_CWD, eventually, subprocess_env
+from support.daemons import CHILD_CWD, collect_events, eventually, subprocess_env
 from sessions import SessionRegistry, SharedMemory
 
 
 def collect(mon: Any, until: Any, timeout: float = 20.0) -> list[Any]:
-    got: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until(got):
-        ev = mon.next(timeout=0.2)
-        if ev is not None:
-            got.append(ev)
-    return got
+    return collect_events(mon, until, timeout)
 
 
 def states_of(events: list[Any], node_id: str) -> list[str]:

@@ -22,18 +22,12 @@ from sessions import SessionRegistry
 from sessions._monitor import MonitorEvent
 from sessions.aio import AsyncSessionRegistry
 from sessions.errors import SessionsError
-from support.daemons import CHILD_CWD, eventually
+from support.daemons import CHILD_CWD, collect_events, eventually
 
 
 def collect(mon: Any, until: Any, timeout: float = 10.0) -> list[MonitorEvent]:
     """Events from `mon` until `until(events)` holds (or the timeout)."""
-    got: list[MonitorEvent] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until(got):
-        ev = mon.next(timeout=0.2)
-        if ev is not None:
-            got.append(ev)
-    return got
+    return collect_events(mon, until, timeout)
 
 
 def kinds(events: list[MonitorEvent]) -> list[str]:

@@ -225,3 +225,16 @@ def wait_converged(nodes: list[Daemon], timeout: float = 30.0) -> None:
 
     eventually(converged, timeout=timeout, interval=0.05,
                message=f"{len(live)} nodes seeing each other alive")
+
+
+def collect_events(stream: Any, until: Callable[[list[Any]], Any], timeout: float = 10.0
+                   ) -> list[Any]:
+    """Events read from a stream with `next(timeout=)` (a monitor, a memory watch) until
+    `until(events)` holds or `timeout` seconds passed."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(got):
+        ev = stream.next(timeout=0.2)
+        if ev is not None:
+            got.append(ev)
+    return got
