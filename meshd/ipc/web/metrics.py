@@ -20,8 +20,9 @@ extra `meshd[http]`): the daemon runs without it. The metrics are listed in docs
 from __future__ import annotations
 
 import logging
+import operator
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import (
@@ -42,6 +43,7 @@ MAX_NODES = 20
 #: Distinct values of a label taken from counter names (reasons, events) at most.
 MAX_NAMES = 50
 OTHER = "other"
+K = TypeVar("K")
 #: Seconds; IPC requests take from ~50 us (a ping in a batch) to seconds (a claim waiting
 #: for a busy resource, a search over a big store).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -96,6 +98,21 @@ def _bounded(values: dict[str, float], limit: int, by_value: bool = False,
         total = merge(total, v)
     out[OTHER] = total
     return out
+
+
+def _regroup(values: dict[K, float], rekey: Callable[[K], K],
+             merge: Callable[[float, float], float]) -> dict[K, float]:
+    """The values under new keys (a peer outside the kept set becomes OTHER), merging
+    those that meet."""
+    out: dict[K, float] = {}
+    for key, value in values.items():
+        new = rekey(key)
+        out[new] = merge(out[new], value) if new in out else value
+    return out
+
+
+def _kept(keep: set[str]) -> Callable[[str], str]:
+    return lambda node: node if node in keep else OTHER
 
 
 def _labelled(family: CounterMetricFamily | GaugeMetricFamily,
@@ -316,19 +333,16 @@ class _InfoCollector(Collector):
         families = [
             (GaugeMetricFamily("meshd_replication_peer_behind_records", "Records this daemon "
                                "holds that a live peer lacked at its last digest (its lag), "
-                               "per peer.", labels=["peer"]), behind, sum),
+                               "per peer.", labels=["peer"]), behind, operator.add),
             (GaugeMetricFamily("meshd_replication_peer_ahead_records", "Records a live peer "
                                "held at its last digest that this daemon lacks (our lag), "
-                               "per peer.", labels=["peer"]), ahead, sum),
+                               "per peer.", labels=["peer"]), ahead, operator.add),
             (GaugeMetricFamily("meshd_replication_peer_digest_age_seconds", "Seconds since "
                                "a live peer's last digest (its lag figures are that old).",
                                labels=["peer"]), age, max)]
         for family, values, merge in families:
-            for node in sorted(keep):
-                family.add_metric([node], values[node])
-            if OTHER in lag:
-                family.add_metric([OTHER], merge(v for n, v in values.items()
-                                                 if n not in keep))
+            for node, value in sorted(_regroup(values, _kept(keep), merge).items()):
+                family.add_metric([node], value)
             yield family
 
     def _transport(self, transport: dict[str, Any]) -> Iterable[Metric]:
@@ -397,20 +411,15 @@ class _InfoCollector(Collector):
         depth = GaugeMetricFamily("meshd_outbox_items", "Items queued for another daemon, "
                                   "per destination node and lane.",
                                   labels=["destination", "lane"])
-        merged: dict[tuple[str, str], float] = defaultdict(float)
-        for (node, lane), n in items.items():
-            merged[node if node in keep else OTHER, lane] += n
-        for (node, lane), n in sorted(merged.items()):
+        kept = _kept(keep)
+        for (node, lane), n in sorted(_regroup(
+                dict(items), lambda k: (kept(k[0]), k[1]), operator.add).items()):
             depth.add_metric([node, lane], n)
         yield depth
         oldest = GaugeMetricFamily("meshd_outbox_oldest_item_age_seconds", "Age of the "
                                    "oldest item queued per destination node.",
                                    labels=["destination"])
-        merged_ages: dict[str, float] = {}
-        for node, age in ages.items():
-            key = node if node in keep else OTHER
-            merged_ages[key] = max(merged_ages.get(key, 0.0), age)
-        for node, age in sorted(merged_ages.items()):
+        for node, age in sorted(_regroup(ages, kept, max).items()):
             oldest.add_metric([node], age)
         yield oldest
 
