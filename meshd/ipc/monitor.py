@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from meshd.errors import InvalidArgument, NotFound, TooLarge
+from meshd.ipc.streams import admit
 from meshd.wire.codec import unpack
 from meshd.wire.ipc import ERROR, EVENT, encode_reply
 
@@ -265,12 +266,12 @@ class Monitor:
         if level is None:
             raise InvalidArgument(f"level must be one of {', '.join(LEVELS)}")
         lim = self.limits
-        if len(self.subs) >= lim.total:
+        try:
+            admit("monitors", len(self.subs), lim.total,
+                  sum(1 for s in self.subs.values() if s.ident == ident), lim.per_client)
+        except TooLarge:
             self.counters["refused"] += 1
-            raise TooLarge(f"this daemon serves {lim.total} monitors already; try again later")
-        if sum(1 for s in self.subs.values() if s.ident == ident) >= lim.per_client:
-            self.counters["refused"] += 1
-            raise TooLarge(f"this connection has {lim.per_client} monitors open already")
+            raise
         self._loop = asyncio.get_running_loop()
         sub = MonitorSub(next(self._ids), ident, req_id, level)
         with self._lock:

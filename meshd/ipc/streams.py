@@ -39,6 +39,16 @@ log = logging.getLogger("meshd.ipc.streams")
 SendFn = Callable[[bytes, bytes], bool]
 
 
+def admit(what: str, open_total: int, total: int, open_here: int, per_client: int) -> None:
+    """Refuse one more subscription of a kind (`what`: streams, monitors) past its bounds,
+    in all and per client connection, with an error that tells the client what to do."""
+    if open_total >= total:
+        raise TooLarge(f"this daemon serves {total} {what} already; try again later")
+    if open_here >= per_client:
+        raise TooLarge(f"this connection has {per_client} {what} open already; close one "
+                       f"first")
+
+
 @dataclass(slots=True, eq=False)
 class Subscription:
     sub_id: int
@@ -95,14 +105,12 @@ class Streams:
 
     def _admit(self, ident: bytes) -> None:
         """Refuse a new stream past the bounds (in all, per connection)."""
-        if len(self.subs) >= self.limits.total:
+        try:
+            admit("streams", len(self.subs), self.limits.total,
+                  self.per_client.get(ident, 0), self.limits.per_client)
+        except TooLarge:
             self.refused += 1
-            raise TooLarge(f"this daemon serves {self.limits.total} streams already; "
-                           f"try again later")
-        if self.per_client.get(ident, 0) >= self.limits.per_client:
-            self.refused += 1
-            raise TooLarge(f"this connection has {self.limits.per_client} streams open "
-                           f"already; close one first")
+            raise
 
     def subscribe(self, ident: bytes, req_id: int, args: dict[str, Any]) -> dict[str, Any]:
         session_id = args["session_id"]
