@@ -27,7 +27,7 @@ from meshd.state import db, memory
 from meshd.state.commands import Commands
 from meshd.state.outbox import Outbox
 from meshd.state.pipeline import WritePipeline
-from meshd.state.store import Store
+from meshd.state.store import LogLimits, Store
 from meshd.wire.ipc import PROTOCOL_VERSION
 
 log = logging.getLogger("meshd")
@@ -61,7 +61,9 @@ class Daemon:
         cfg = self.config
         self._lock_data_dir(Path(cfg.data_dir))
         self.store = Store(cfg.data_dir, durability=cfg.durability,
-                           stale_after=cfg.session_stale_after, exclusive=True)
+                           stale_after=cfg.session_stale_after, exclusive=True,
+                           log_limits=LogLimits(cfg.memory_log_max_rows,
+                                                cfg.memory_history_per_key))
         # The daemon routes when it is part of a mesh: outbox seqs are then given as sends
         # are journaled, so they can go out before they reach SQLite.
         self.outbox = Outbox(self.store, routing=cfg.mesh)
@@ -72,7 +74,8 @@ class Daemon:
         self._ctx = zmq.asyncio.Context()
         if cfg.mesh:
             self.mesh = Mesh(cfg, self.store, zmq.Context.shadow(self._ctx.underlying),
-                             self.outbox, self.pipeline, on_delivered=self._delivered)
+                             self.outbox, self.pipeline, on_delivered=self._delivered,
+                             on_merged=self._merged)
             await self.mesh.start()
         # Claims: granted by a majority of the voters when there are some (the mesh's),
         # else by this daemon for its own sessions (host scope).
@@ -121,6 +124,11 @@ class Daemon:
         """Messages routed here landed in local inboxes: live streams push them."""
         if self.ipc is not None:
             self.ipc.publish_events()
+
+    def _merged(self) -> None:
+        """A merge of replicated records committed: memory watchers get what it made due."""
+        if self.ipc is not None:
+            self.ipc.memwatch.merged()
 
     def _lock_data_dir(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -2,9 +2,10 @@
 
 Local changes are logged in their own transaction and pushed with the events of that
 commit, like messages. Replicated changes are parked until this node holds everything
-their origin wrote before them (see `memlog`); the merge that parks them tells us, from
-inside its transaction, and we log what is due right after it commits, on the loop,
-then push those events at once (a replicated change does not wait for the next local
+their origin wrote before them (see `memlog`); a merge that parks some marks the store
+(`Store.memlog_parked`), the replicator tells the daemon when its merge committed
+(`merged`), and we log what is due right after, on the loop, then push those events at
+once (a replicated change does not wait for the next local
 write or housekeeping turn to reach watchers).
 """
 
@@ -14,7 +15,6 @@ import asyncio
 import logging
 from typing import Callable
 
-from meshd.config import Config
 from meshd.errors import MeshError
 from meshd.ipc.streams import Streams
 from meshd.state import memlog
@@ -26,37 +26,31 @@ log = logging.getLogger("meshd.ipc")
 class MemoryWatch:
     """Flushes parked replicated changes after the merge that parked them commits."""
 
-    def __init__(self, config: Config, store: Store, streams: Streams,
+    def __init__(self, store: Store, streams: Streams,
                  after_publish: Callable[[], None]) -> None:
         self.store = store
         self.streams = streams
         self.after_publish = after_publish
         self.flushed = 0
         self._scheduled = False
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        memlog.configure(store, memlog.LogLimits(config.memory_log_max_rows,
-                                                 config.memory_history_per_key),
-                         notify=self._parked)
         self.flush()                    # what a crash left parked (its merge committed)
 
-    def _parked(self) -> None:
-        """Called inside the merge's transaction, in the loop's thread: flush after it."""
-        if self._scheduled:
+    def merged(self) -> None:
+        """A merge committed (on the loop): if it parked replicated changes, log what is
+        due once this loop turn is over (one flush for all the merges of a turn)."""
+        if not self.store.memlog_parked or self._scheduled:
             return
-        loop = self._loop
-        if loop is None:
-            try:
-                loop = self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return                  # no loop (a test): flushed with the next write
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()                # (no loop: a test drives it by hand)
+            return
         self._scheduled = True
-        loop.call_soon_threadsafe(self.flush)
+        loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
+        self.store.memlog_parked = False
         try:
             with self.store.write(keeps_routes=True):
                 n = memlog.flush_parked(self.store)

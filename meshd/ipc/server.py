@@ -112,7 +112,7 @@ class IPCServer:
                                Limits(config.stream_sub_bytes, config.stream_total_bytes,
                                       config.stream_max_per_client, config.stream_max_total,
                                       config.stream_client_bytes))
-        self.memwatch = MemoryWatch(config, store, self.streams, self._recheck)
+        self.memwatch = MemoryWatch(store, self.streams, self._recheck)
         self.batches = StoreBatches(
             config, store, commands, self.counters, self._send, self._served, self._recheck,
             peers, observe=observe, after=None if claims is None else {

@@ -44,6 +44,7 @@ class Mesh:
     def __init__(self, config: Config, store: Store, ctx: zmq.Context, outbox: Outbox,
                  pipeline: WritePipeline | None = None,
                  on_delivered: Callable[[], None] | None = None,
+                 on_merged: Callable[[], None] | None = None,
                  is_alive_session: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.store = store
@@ -59,7 +60,7 @@ class Mesh:
         self.transport = Transport(config, ctx, store.node_id, self._on_frame, key)
         self.membership = Membership(config, self.transport, store.node_id, self._on_change)
         self.replicator = Replicator(config, store, self.membership, self.transport,
-                                     outbox=outbox)
+                                     outbox=outbox, on_merged=on_merged)
         self.router = Router(config, store, outbox, self.membership, self.transport,
                              pipeline, on_delivered)
         members = self.membership.members

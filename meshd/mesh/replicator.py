@@ -61,9 +61,13 @@ log = logging.getLogger("meshd.mesh")
 class Replicator:
     def __init__(self, config: Config, store: Store, membership: Membership,
                  transport: Transport, clock: Callable[[], float] = time.monotonic,
-                 outbox: Outbox | None = None) -> None:
+                 outbox: Outbox | None = None,
+                 on_merged: Callable[[], None] | None = None) -> None:
+        """`on_merged` is told after each merge that committed (the daemon then logs the
+        replicated memory changes it made due: `meshd.ipc.memwatch`)."""
         self.config = config
         self.store = store
+        self.on_merged = on_merged or (lambda: None)
         # Where merged sessions' waiting or unread mail goes (the daemon's, which routes).
         self.outbox = outbox if outbox is not None else Outbox(store)
         self.membership = membership
@@ -337,6 +341,7 @@ class Replicator:
             log.warning("merging records from %s failed: %s", sender[:12], exc)
             self.counters["merge_errors"] += 1
             return
+        self.on_merged()
         self.counters["records_in"] += len(good)
         if origin in self._catchup:
             self._progress(origin, known_after)

@@ -34,12 +34,13 @@ Cursors are the log's own `seq` (AUTOINCREMENT: never reused, even once trimmed)
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import msgpack
+
+from meshd.state.store import LogLimits  # noqa: F401  (the Store holds each store's bounds)
 
 if TYPE_CHECKING:
     from meshd.state.store import Store
@@ -53,14 +54,6 @@ KINDS = ("put", "delete", "expire")
 _TRIMMED = "memlog_trimmed"
 _EMPTY = msgpack.packb([], use_bin_type=True)
 _ENTRY_COLS = "m.entry_id, m.type, m.key, m.value, m.session_id, m.timestamp, m.ttl, m.tags, m.metadata"
-
-
-@dataclass(frozen=True, slots=True)
-class LogLimits:
-    """How much of the past a node keeps (the daemon's from `Config`)."""
-
-    max_rows: int = 100_000          # events in the log; the oldest are trimmed
-    history_per_key: int = 50        # versions kept per key (0: no history)
 
 
 @dataclass(slots=True)
@@ -78,22 +71,9 @@ class Change:
     version: int = 0                         # the change's version at its origin
 
 
-_limits: "weakref.WeakKeyDictionary[Store, LogLimits]" = weakref.WeakKeyDictionary()
-_notify: "weakref.WeakKeyDictionary[Store, Callable[[], None]]" = weakref.WeakKeyDictionary()
-
-
-def configure(store: "Store", limits: LogLimits,
-              notify: Callable[[], None] | None = None) -> None:
-    """Set the bounds for this store, and `notify`, called (from inside the transaction,
-    in whatever thread) when a replicated change was parked: the caller schedules
-    `flush_parked` after the commit (the daemon's IPC layer does, on its loop)."""
-    _limits[store] = limits
-    if notify is not None:
-        _notify[store] = notify
-
-
 def limits(store: "Store") -> LogLimits:
-    return _limits.get(store) or LogLimits()
+    """The store's bounds (`Store(log_limits=...)`)."""
+    return store.log_limits
 
 
 def op_of(entry_id: str) -> str:
@@ -146,9 +126,7 @@ def record(store: "Store", changes: list[Change]) -> None:
             " tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(c.origin, c.version, c.kind, c.op, c.key, c.hlc, c.entry_id, _pack(c.tags))
              for c in remote])
-        notify = _notify.get(store)
-        if notify is not None:
-            notify()
+        store.memlog_parked = True      # the daemon calls flush_parked after the commit
 
 
 def flush_parked(store: "Store", force: bool = False) -> int:

@@ -8,7 +8,9 @@ HLC stamp. In shared mode (the SDK's directory mode, several processes on one fi
 counters are re-read at the start of every write transaction.
 
 A write's effects beyond SQLite are kept with its transaction and dropped if it rolls
-back: stream events (`events`) and outbox items for the router (`routed`). Writes
+back: stream events (`events`), outbox items for the router (`routed`) and whether a
+merge parked replicated memory changes (`memlog_parked`: the daemon logs them after the
+commit, see `meshd.state.memlog`). Writes
 acknowledged before they reach SQLite belong to the daemon's write pipeline
 (`meshd.state.pipeline`), which attaches itself here so that every other write and
 every read folds them in first: the Store knows it only through the `Folds` protocol.
@@ -23,6 +25,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -40,6 +43,15 @@ Event = tuple[str | None, int, dict[str, Any]]
 #: An outbox item a write committed: (destination node, lane, [seq, kind, payload]), so
 #: the router can send it without reading it back from SQLite.
 Routed = tuple[str, int, list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LogLimits:
+    """How much of the past the store keeps of memory changes (the daemon's from `Config`):
+    the bound is the store's, so every table module that writes those logs obeys it."""
+
+    max_rows: int = 100_000          # events in the memory change log; the oldest are trimmed
+    history_per_key: int = 50        # versions kept per key (0: no history)
 
 
 class Folds(Protocol):
@@ -64,8 +76,9 @@ class Store:
 
     def __init__(self, data_dir: str | Path, *, durability: str = "process", shared: bool = False,
                  stale_after: float = 300.0, wall: Callable[[], float] = time.time,
-                 exclusive: bool = False) -> None:
+                 exclusive: bool = False, log_limits: LogLimits = LogLimits()) -> None:
         self.data_dir = Path(data_dir)
+        self.log_limits = log_limits
         self.shared = shared
         self.stale_after = stale_after
         self.wall = wall
@@ -87,6 +100,7 @@ class Store:
         self.version = 0
         self.events: list[Event] = []
         self.routed: list[Routed] = []  # outbox items of committed writes (meshd.state.outbox)
+        self.memlog_parked = False      # a merge parked replicated memory changes (memlog)
         # Moves on with every write that may change a session (see `write`): caches of
         # where sessions are hosted are valid while it stays.
         self.sessions_gen = 0

@@ -141,8 +141,8 @@ def test_touch_renews_without_resending_and_the_ttl_rules(tmp_path):
 
 def test_history_is_bounded_per_key_newest_first(tmp_path):
     clock = Clock()
-    s = Store(tmp_path, wall=clock)
-    memlog.configure(s, memlog.LogLimits(max_rows=1000, history_per_key=3))
+    s = Store(tmp_path, wall=clock, log_limits=memlog.LogLimits(max_rows=1000,
+                                                                history_per_key=3))
     for i in range(5):
         put(s, "h", value=i, ttl=5)
     run(s, "memory.touch", key="h")
@@ -159,8 +159,7 @@ def test_history_is_bounded_per_key_newest_first(tmp_path):
 
 
 def test_trim_keeps_the_bound_and_a_cursor_below_it_gets_a_gap(tmp_path):
-    s = Store(tmp_path)
-    memlog.configure(s, memlog.LogLimits(max_rows=5, history_per_key=2))
+    s = Store(tmp_path, log_limits=memlog.LogLimits(max_rows=5, history_per_key=2))
     for i in range(12):
         put(s, f"k{i}")
     with s.read():
