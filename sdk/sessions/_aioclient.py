@@ -13,7 +13,7 @@ import zmq
 from meshd.config import Config
 from meshd.errors import DaemonUnavailable
 from sessions._client import check_listening, default_timeout, new_dealer, resolve_socket
-from sessions._core import Exchange
+from sessions._core import Exchange, OverExchange
 
 _SWEEP = 0.05      # s between deadline checks: a call's timeout is honoured to within this
 
@@ -25,7 +25,7 @@ class _Expired(Exception):
     """A call's deadline passed (becomes Timeout for the caller)."""
 
 
-class AsyncClient:
+class AsyncClient(OverExchange):
     """One asyncio connection to the daemon, bound to the loop that first uses it.
 
     The socket is watched with the loop's own reader on ZeroMQ's file descriptor and read
@@ -43,14 +43,6 @@ class AsyncClient:
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._retry: asyncio.Handle | None = None     # a pending send pass
         self._sweeper: asyncio.TimerHandle | None = None
-
-    @property
-    def max_frame_bytes(self) -> int:
-        return self._exchange.max_frame_bytes
-
-    @max_frame_bytes.setter
-    def max_frame_bytes(self, value: int) -> None:
-        self._exchange.max_frame_bytes = value
 
     def _ensure(self) -> zmq.Socket:
         if self._sock is None:

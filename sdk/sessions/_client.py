@@ -22,7 +22,7 @@ import zmq
 from meshd.config import Config, candidate_socket_paths, socket_dir_problem
 from meshd.errors import DaemonUnavailable, Timeout
 from meshd.wire.ipc import ERROR, EVENT, OK
-from sessions._core import MAX_REPLY_BYTES, Call, Exchange, error_from
+from sessions._core import MAX_REPLY_BYTES, Call, Exchange, OverExchange, error_from
 
 DEFAULT_TIMEOUT = Config().client_timeout
 _START_HINT = ("start it with `meshd` (or `systemctl start meshd`), or point MESHD_SOCKET "
@@ -95,7 +95,7 @@ def new_dealer(path: str) -> zmq.Socket:
     return sock
 
 
-class Client:
+class Client(OverExchange):
     """A thread-safe blocking client of one daemon socket: a shell over `_core.Exchange`
     that sends one request at a time and polls for its reply."""
 
@@ -107,14 +107,6 @@ class Client:
         self._lock = threading.Lock()
         self._sock: zmq.Socket | None = None
         self._pid = os.getpid()
-
-    @property
-    def max_frame_bytes(self) -> int:
-        return self._exchange.max_frame_bytes
-
-    @max_frame_bytes.setter
-    def max_frame_bytes(self, value: int) -> None:
-        self._exchange.max_frame_bytes = value
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None or self._pid != os.getpid():

@@ -253,3 +253,18 @@ def collect_pages(fetch: Callable[[dict[str, Any]], Any]) -> list[Any]:
 
 __all__ = ["Exchange", "Call", "Outcome", "Pages", "collect_pages", "decode", "error_from",
            "MAX_REPLY_BYTES", "PAGE_ROWS", "MAX_PAGES", "BATCH_ITEMS"]
+
+
+class OverExchange:
+    """What every client over an `Exchange` shares (blocking and asyncio alike)."""
+
+    _exchange: Exchange
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest request frame sent (the daemon's bound by default)."""
+        return self._exchange.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        self._exchange.max_frame_bytes = value

@@ -5,20 +5,19 @@ Against a daemon it is a live stream like `MessageStream` (same socket handling,
 renewals and resubscription; only the subscribe command, its arguments and the events
 differ: `MemoryWatchSubscription`). In directory mode there is no daemon to push, so it
 polls the directory's change log. The asyncio face runs the blocking one in a worker
-thread, as `AsyncMessageStream` does.
+thread, as every stream's does (`AsyncStream`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from meshd.state import memlog
 from meshd.state.store import Store
 from meshd.wire.ipc import validate_args
-from sessions._stream import MessageStream
+from sessions._stream import AsyncStream, BaseStream, PushStream
 from sessions._subscription import Subscription
 from sessions.models import MemoryEvent
 
@@ -44,42 +43,21 @@ class MemoryWatchSubscription(Subscription):
         return MemoryEvent.from_dict(seq, message)
 
 
-class MemoryWatch(MessageStream):
+class MemoryWatch(PushStream[MemoryEvent]):
     """Iterate memory changes: `for ev in watch: ...`. `cursor` is the cursor of the last
     event handed out; pass it to a new watch to resume after it."""
 
     def __init__(self, socket_path: str, prefix: str | None = None,
                  tags: list[str] | None = None, cursor: int | None = None,
                  window: int = 256) -> None:
-        # (MessageStream's fields, with a memory watch's subscription.)
-        self.path = socket_path
-        self._state = MemoryWatchSubscription(prefix, list(tags or []), cursor, window)
-        validate_args("memory.watch", self._state.args())
-        self._sock = None
-        self._last_attempt = 0.0
-        self.closed = False
-        self.on_state: Callable[[str], None] | None = None
-        self._lost = False
-        self._subscribe()       # pin the cursor now: "from now on" means from this call
+        super().__init__(socket_path,
+                         MemoryWatchSubscription(prefix, list(tags or []), cursor, window))
 
     prefix = property(lambda self: self._state.prefix)
     tags = property(lambda self: self._state.tags)
 
-    def next(self, timeout: float | None = None) -> MemoryEvent | None:  # type: ignore[override]
-        """The next event, or None when `timeout` seconds pass without one."""
-        return super().next(timeout)  # type: ignore[return-value]
 
-    def __iter__(self) -> Iterator[MemoryEvent]:  # type: ignore[override]
-        while not self.closed:
-            ev = self.next(timeout=None)
-            if ev is not None:
-                yield ev
-
-    def __enter__(self) -> "MemoryWatch":
-        return self
-
-
-class DirectoryMemoryWatch:
+class DirectoryMemoryWatch(BaseStream[MemoryEvent]):
     """The same interface over a directory store, by polling its change log."""
 
     POLL = 0.05
@@ -116,47 +94,10 @@ class DirectoryMemoryWatch:
             time.sleep(self.POLL)
         return None
 
-    def __iter__(self) -> Iterator[MemoryEvent]:
-        while not self.closed:
-            ev = self.next(timeout=None)
-            if ev is not None:
-                yield ev
-
-    def __enter__(self) -> "DirectoryMemoryWatch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         self.closed = True
 
 
-class AsyncMemoryWatch:
+class AsyncMemoryWatch(AsyncStream[MemoryEvent]):
     """The asyncio face of a memory watch: `async for ev in watch`, or
     `await watch.next(timeout)`; the blocking watch waits in a worker thread."""
-
-    def __init__(self, watch: MemoryWatch | DirectoryMemoryWatch) -> None:
-        self._watch = watch
-
-    @property
-    def cursor(self) -> int | None:
-        return self._watch.cursor
-
-    async def next(self, timeout: float | None = None) -> MemoryEvent | None:
-        """The next event, or None when `timeout` seconds pass without one."""
-        return await asyncio.to_thread(self._watch.next, 0.5 if timeout is None else timeout)
-
-    def __aiter__(self) -> "AsyncMemoryWatch":
-        return self
-
-    async def __anext__(self) -> MemoryEvent:
-        while not self._watch.closed:
-            ev = await asyncio.to_thread(self._watch.next, 0.5)
-            if ev is not None:
-                return ev
-        raise StopAsyncIteration
-
-    def close(self) -> None:
-        self._watch.closed = True
-        self._watch.close()

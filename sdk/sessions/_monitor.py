@@ -6,17 +6,15 @@ and resubscription when the daemon restarts or forgets us; `on_state` says "lost
 "back"); only the subscribe command, its arguments and the events differ. A monitor is
 not resumable: after a resubscription it goes on from the daemon's recent events,
 skipping those it already handed out. The asyncio face runs the blocking one in a
-worker thread, as `AsyncMemoryWatch` does.
+worker thread, as every stream's does (`AsyncStream`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from meshd.wire.ipc import validate_args
-from sessions._stream import MessageStream
+from sessions._stream import AsyncStream, PushStream
 from sessions._subscription import Subscription
 
 __all__ = ["MonitorEvent", "MonitorStream", "AsyncMonitorStream", "MonitorSubscription",
@@ -86,62 +84,15 @@ class MonitorSubscription(Subscription):
             return ev
 
 
-class MonitorStream(MessageStream):
+class MonitorStream(PushStream[MonitorEvent]):
     """Iterate the daemon's events: `for ev in monitor: ...` (until `close()`)."""
 
     def __init__(self, socket_path: str, level: str = "info", backlog: int = 0) -> None:
-        # (MessageStream's fields, with a monitor's subscription.)
-        self.path = socket_path
-        self._state = MonitorSubscription(level, backlog)
-        validate_args("node.monitor", self._state.args())
-        self._sock = None
-        self._last_attempt = 0.0
-        self.closed = False
-        self.on_state: Callable[[str], None] | None = None
-        self._lost = False
-        self._subscribe()
+        super().__init__(socket_path, MonitorSubscription(level, backlog))
 
     level = property(lambda self: self._state.level)
 
-    def next(self, timeout: float | None = None) -> MonitorEvent | None:  # type: ignore[override]
-        """The next event, or None when `timeout` seconds pass without one."""
-        return super().next(timeout)  # type: ignore[return-value]
 
-    def __iter__(self) -> Iterator[MonitorEvent]:  # type: ignore[override]
-        while not self.closed:
-            ev = self.next(timeout=None)
-            if ev is not None:
-                yield ev
-
-    def __enter__(self) -> "MonitorStream":
-        return self
-
-
-class AsyncMonitorStream:
+class AsyncMonitorStream(AsyncStream[MonitorEvent]):
     """The asyncio face of a monitor: `async for ev in monitor`, or
     `await monitor.next(timeout)`; the blocking one waits in a worker thread."""
-
-    def __init__(self, stream: MonitorStream) -> None:
-        self._stream = stream
-
-    @property
-    def cursor(self) -> int | None:
-        return self._stream.cursor
-
-    async def next(self, timeout: float | None = None) -> MonitorEvent | None:
-        """The next event, or None when `timeout` seconds pass without one."""
-        return await asyncio.to_thread(self._stream.next, 0.5 if timeout is None else timeout)
-
-    def __aiter__(self) -> "AsyncMonitorStream":
-        return self
-
-    async def __anext__(self) -> MonitorEvent:
-        while not self._stream.closed:
-            ev = await asyncio.to_thread(self._stream.next, 0.5)
-            if ev is not None:
-                return ev
-        raise StopAsyncIteration
-
-    def close(self) -> None:
-        self._stream.closed = True
-        self._stream.close()

@@ -12,11 +12,12 @@ push, so the stream polls the store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import zmq
 
@@ -32,39 +33,44 @@ from sessions.models import Message
 
 log = logging.getLogger("sessions.stream")
 
-class _Iterable:
-    """Iteration and `with` support shared by both kinds of stream."""
+T = TypeVar("T")
+S = TypeVar("S", bound="BaseStream[Any]")
+
+
+class BaseStream(Generic[T]):
+    """Iteration and `with` support shared by every kind of stream (messages, memory
+    events, monitor events; pushed by a daemon or polled from a directory)."""
 
     closed: bool
 
-    def next(self, timeout: float | None = None) -> Message | None:
+    def next(self, timeout: float | None = None) -> T | None:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[Message]:
+    def __iter__(self) -> Iterator[T]:
         while not self.closed:
-            msg = self.next(timeout=None)
-            if msg is not None:
-                yield msg
+            item = self.next(timeout=None)
+            if item is not None:
+                yield item
 
-    def __enter__(self) -> "_Iterable":
+    def __enter__(self: S) -> S:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class MessageStream(_Iterable):
-    """Iterate incoming messages: `for msg in stream: ...`. `cursor` is the sequence number
-    of the last message handed out; pass it to a new stream to resume after it."""
+class PushStream(BaseStream[T]):
+    """What the daemon pushes on one subscription (`state`: its kind, e.g. messages,
+    memory events, monitor events), carried out on its own socket. `cursor` is the
+    cursor of the last item handed out."""
 
-    def __init__(self, socket_path: str, session_id: str | None = None, cursor: int | None = None,
-                 types: list[str] | None = None, window: int = 256) -> None:
+    def __init__(self, socket_path: str, state: Subscription) -> None:
         self.path = socket_path
-        self._state = Subscription(session_id, cursor, types or [], window)
-        validate_args("stream.subscribe", self._state.args())
+        self._state = state
+        validate_args(state.command, state.args())
         self._sock: zmq.Socket | None = None
         self._last_attempt = 0.0
         self.closed = False
@@ -73,11 +79,6 @@ class MessageStream(_Iterable):
         self.on_state: Callable[[str], None] | None = None
         self._lost = False
         self._subscribe()       # pin the cursor now: "from now on" means from this call
-
-    # The subscription's fields, read (and, for the cursor, set) as the stream's own.
-    session_id = property(lambda self: self._state.session_id)
-    types = property(lambda self: self._state.types)
-    window = property(lambda self: self._state.window)
 
     @property
     def cursor(self) -> int | None:
@@ -140,16 +141,16 @@ class MessageStream(_Iterable):
 
     # --- public ------------------------------------------------------------------------------
 
-    def next(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None when `timeout` seconds pass without one."""
+    def next(self, timeout: float | None = None) -> T | None:
+        """The next item, or None when `timeout` seconds pass without one."""
         deadline = None if timeout is None else time.monotonic() + timeout
         state = self._state
         while not self.closed:
-            msg = state.take()
-            if msg is not None:
+            item: T | None = state.take()  # type: ignore[assignment]
+            if item is not None:
                 if state.ack_full():
                     self._ack()
-                return msg
+                return item
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return None
@@ -189,7 +190,21 @@ class MessageStream(_Iterable):
         self._drop_socket()
 
 
-class DirectoryStream(_Iterable):
+class MessageStream(PushStream[Message]):
+    """Iterate incoming messages: `for msg in stream: ...`. `cursor` is the sequence number
+    of the last message handed out; pass it to a new stream to resume after it."""
+
+    def __init__(self, socket_path: str, session_id: str | None = None, cursor: int | None = None,
+                 types: list[str] | None = None, window: int = 256) -> None:
+        super().__init__(socket_path, Subscription(session_id, cursor, types or [], window))
+
+    # The subscription's fields, read as the stream's own.
+    session_id = property(lambda self: self._state.session_id)
+    types = property(lambda self: self._state.types)
+    window = property(lambda self: self._state.window)
+
+
+class DirectoryStream(BaseStream[Message]):
     """The same interface over a directory store, by polling (there is no daemon to push)."""
 
     POLL = 0.05
@@ -228,6 +243,40 @@ class DirectoryStream(_Iterable):
 Stream = MessageStream | DirectoryStream
 
 
+class AsyncStream(Generic[T]):
+    """The asyncio face of any stream: `async for item in stream`, or
+    `await stream.next(timeout)`. The blocking stream waits in a worker thread, so the
+    event loop never blocks; `cursor` resumes a later stream where this one stopped."""
+
+    def __init__(self, stream: BaseStream[T]) -> None:
+        self._stream = stream
+
+    @property
+    def cursor(self) -> int | None:
+        return self._stream.cursor  # type: ignore[attr-defined, no-any-return]
+
+    async def next(self, timeout: float | None = None) -> T | None:
+        """The next item, or None when `timeout` seconds pass without one."""
+        return await asyncio.to_thread(self._stream.next, 0.5 if timeout is None else timeout)
+
+    def __aiter__(self: "A") -> "A":
+        return self
+
+    async def __anext__(self) -> T:
+        while not self._stream.closed:
+            item = await asyncio.to_thread(self._stream.next, 0.5)
+            if item is not None:
+                return item
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self._stream.closed = True
+        self._stream.close()
+
+
+A = TypeVar("A", bound=AsyncStream[Any])
+
+
 class HandlerThread:
     """Feeds registered handlers from one stream in a daemon thread. A handler that raises
     is logged and does not stop the others or later messages."""
@@ -263,4 +312,5 @@ class HandlerThread:
             self.stream.close()
 
 
-__all__ = ["MessageStream", "DirectoryStream", "HandlerThread", "NotFound"]
+__all__ = ["PushStream", "MessageStream", "DirectoryStream", "AsyncStream", "HandlerThread",
+           "NotFound"]

@@ -27,7 +27,7 @@ from sessions._backend import DirectoryBackend
 from sessions._core import Pages
 from sessions._memwatch import AsyncMemoryWatch, DirectoryMemoryWatch, MemoryWatch
 from sessions._monitor import AsyncMonitorStream, MonitorStream
-from sessions._stream import DirectoryStream, MessageStream, Stream
+from sessions._stream import AsyncStream, DirectoryStream, MessageStream
 from sessions.claims import AsyncClaims  # noqa: F401  (the claims' asyncio twin)
 from sessions.keepalive import DEFAULT_INTERVAL, AsyncKeepAlive
 from sessions.models import MemoryEntry, MemoryType, Message, MessageType, Session, SessionStatus
@@ -127,34 +127,10 @@ class AsyncSessionRegistry(_AsyncBase):
         return await self._run(ops.force_leave(node))
 
 
-class AsyncMessageStream:
+class AsyncMessageStream(AsyncStream[Message]):
     """The asyncio face of a message stream: `async for msg in stream`, or
     `await stream.next(timeout)`. The blocking stream waits in a worker thread, so the
     event loop never blocks; `cursor` resumes a later stream where this one stopped."""
-
-    def __init__(self, stream: Stream) -> None:
-        self._stream = stream
-
-    @property
-    def cursor(self) -> int | None:
-        return self._stream.cursor
-
-    async def next(self, timeout: float | None = None) -> Message | None:
-        return await asyncio.to_thread(self._stream.next, 0.5 if timeout is None else timeout)
-
-    def __aiter__(self) -> "AsyncMessageStream":
-        return self
-
-    async def __anext__(self) -> Message:
-        while not self._stream.closed:
-            msg = await asyncio.to_thread(self._stream.next, 0.5)
-            if msg is not None:
-                return msg
-        raise StopAsyncIteration
-
-    def close(self) -> None:
-        self._stream.closed = True
-        self._stream.close()
 
 
 class AsyncCollaborationHub(_AsyncBase):

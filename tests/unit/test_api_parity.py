@@ -57,9 +57,25 @@ def params(fn: Any, skip: set[str] = set()) -> list[tuple[str, Any, Any]]:
             if p.name not in skip]
 
 
-def hints(fn: Any) -> dict[str, str]:
+def bindings(cls: type) -> dict[str, str]:
+    """What a generic base's type variables stand for in `cls` (`AsyncStream[MemoryEvent]`:
+    ~T is MemoryEvent), so that methods written once for every stream compare as the
+    concrete class's."""
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            origin = typing.get_origin(base)
+            for var, arg in zip(getattr(origin, "__parameters__", ()), typing.get_args(base)):
+                if not isinstance(arg, typing.TypeVar):
+                    out.setdefault(f"~{var.__name__}", arg.__name__)
+    return out
+
+
+def hints(fn: Any, cls: type | None = None) -> dict[str, str]:
     """The function's annotations, resolved, as text with the asyncio spellings turned
-    into the blocking ones (AsyncX -> X, Awaitable[T] -> T)."""
+    into the blocking ones (AsyncX -> X, Awaitable[T] -> T) and the type variables of
+    `cls`'s generic bases replaced by what they stand for."""
+    bound = bindings(cls) if cls is not None else {}
     try:
         resolved = typing.get_type_hints(fn)
     except Exception as exc:                           # an annotation that does not resolve
@@ -69,6 +85,8 @@ def hints(fn: Any) -> dict[str, str]:
         text = str(t).replace("typing.", "").replace("collections.abc.", "")
         text = re.sub(r"[\w.]*\.(\w+)", r"\1", text)   # module paths off: sessions.x.Y -> Y
         text = re.sub(r"<class '(\w+)'>", r"\1", text)
+        text = re.sub(r"~\w+", lambda m: bound.get(m.group(0), m.group(0)), text)
+        text = re.sub(r"^Optional\[(\w+)\]$", r"\1 | None", text)
         for blocking, aio in TWINS.items():
             text = re.sub(rf"\b{aio}\b", blocking, text)
         text = re.sub(r"Awaitable\[(\w+)\]", r"\1", text)
@@ -106,7 +124,7 @@ def test_same_types(blocking: type, aio: type) -> None:
     for name in sorted(a):
         if isinstance(a[name], property) or not hasattr(blocking, name):
             continue
-        hb, ha = hints(getattr(blocking, name)), hints(getattr(aio, name))
+        hb, ha = hints(getattr(blocking, name), blocking), hints(getattr(aio, name), aio)
         assert hb == ha, f"{blocking.__name__}.{name}: {hb} != {ha}"
 
 
