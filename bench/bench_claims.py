@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from _common import (ENV, ROOT, BenchError, eventually, pct_us, read_line,  # noqa: E402
+from _common import (ENV, BenchError, eventually, pct_us, read_line,  # noqa: E402
                      stop_pid)
 from bench_routing import Cluster, Node  # noqa: E402
 
@@ -273,32 +273,9 @@ class ClaimNode(Node):
 
     def __init__(self, tmp: str, index: int, bind: str, voters: list[str] | None,
                  join: str | None) -> None:
-        self.index = index
-        self.sock = f"{tmp}/n{index}.sock"
-        self.data_dir = f"{tmp}/n{index}-data"
-        self.log_path = f"{tmp}/n{index}.log"
-        self.bind = bind
-        cmd = [sys.executable, "-m", "meshd", "--socket", self.sock, "--data-dir", self.data_dir,
-               "--bind", bind, "--preset", PRESET, "--log-level", "warning", "--no-discovery"]
-        if voters:
-            cmd += ["--voters", ",".join(voters)]
-        if join:
-            cmd += ["--join", join]
-        env = dict(ENV, MESHD_DISCOVERY="0")
-        for v in ("MESHD_VOTERS", "MESHD_CLAIMS_MUTANT", "MESHD_PRESET"):
-            env.pop(v, None)
-        self._log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                         env=env, cwd=str(ROOT))
-        except BaseException:
-            self._log.close()
-            raise
-        self.started = time.monotonic()
-        self.pid = self.proc.pid
-        self.info: dict[str, Any] = {}
-        self.node_id = ""
-        self.address = ""
+        extra = ("--no-discovery", *(("--voters", ",".join(voters)) if voters else ()))
+        super().__init__(tmp, index, join, PRESET, bind=bind, extra=extra,
+                         unset=("MESHD_VOTERS", "MESHD_CLAIMS_MUTANT", "MESHD_PRESET"))
 
     def claims_stats(self) -> dict[str, Any]:
         return (self.registry().node_info().get("mesh") or {}).get("claims") or {}

@@ -273,22 +273,33 @@ class RawRelay:
 class Node:
     """One `python -m meshd` on its own socket, data dir and loopback address."""
 
-    def __init__(self, tmp: str, index: int, join: str | None, preset: str) -> None:
+    def __init__(self, tmp: str, index: int, join: str | None, preset: str,
+                 bind: str | None = None, extra: tuple[str, ...] = (),
+                 unset: tuple[str, ...] = ()) -> None:
+        """`bind` defaults to a port of 127.0.0.(20+index) the daemon picks; `extra` are
+        more flags; `unset` names environment variables the daemon must not see."""
         self.index = index
         self.sock = f"{tmp}/n{index}.sock"
         self.data_dir = f"{tmp}/n{index}-data"
         self.log_path = f"{tmp}/n{index}.log"
+        self.bind = bind or f"{NODE_HOST.format(20 + index)}:0"
         cmd = [sys.executable, "-m", "meshd", "--socket", self.sock, "--data-dir", self.data_dir,
-               "--bind", f"{NODE_HOST.format(20 + index)}:0", "--preset", preset,
-               "--log-level", "warning"]
+               "--bind", self.bind, "--preset", preset, "--log-level", "warning", *extra]
         if join:
             cmd += ["--join", join]
-        self._log = open(self.log_path, "wb")
         # Loopback only: never mDNS on this machine's network (daemons that know the
         # variable turn discovery off; older ones ignore it).
         env = dict(ENV, MESHD_DISCOVERY="0")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(ROOT))
+        for name in unset:
+            env.pop(name, None)
+        self._log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                         env=env, cwd=str(ROOT))
+        except BaseException:
+            self._log.close()
+            raise
+        self.started = time.monotonic()
         self.pid = self.proc.pid
         self.info: dict[str, Any] = {}
         self.node_id = ""
