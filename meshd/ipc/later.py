@@ -39,21 +39,26 @@ class LaterReplies:
         self._per_client: dict[bytes, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def answer(self, ident: bytes, req_id: int, work: Awaitable[Any]) -> None:
-        """Reply to (ident, req_id) with what `work` gives, once it is done."""
+    def answer(self, ident: bytes, req_id: int, work: Awaitable[Any],
+               command: str | None = None) -> None:
+        """Reply to (ident, req_id) with what `work` gives, once it is done (counted as an
+        ok of `command` when it succeeds)."""
         if (self._per_client.get(ident, 0) >= MAX_PENDING_PER_CLIENT
                 or len(self._tasks) >= MAX_PENDING):
             if inspect.iscoroutine(work):
                 work.close()
             raise TooLarge("too many requests waiting on other daemons: wait for answers first")
         self._per_client[ident] = self._per_client.get(ident, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._run(ident, req_id, work))
+        task = asyncio.get_running_loop().create_task(self._run(ident, req_id, work, command))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, ident: bytes, req_id: int, work: Awaitable[Any]) -> None:
+    async def _run(self, ident: bytes, req_id: int, work: Awaitable[Any],
+                   command: str | None) -> None:
         try:
             frame = encode_reply(req_id, OK, await work)
+            if command is not None:
+                self._counters[f"ok.{command}"] += 1
         except MeshError as exc:
             self._counters[f"error.{exc.code}"] += 1
             frame = encode_error(req_id, exc.code, str(exc))

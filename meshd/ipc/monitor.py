@@ -37,7 +37,7 @@ from typing import Any, Callable
 from meshd.errors import InvalidArgument, NotFound, TooLarge
 from meshd.ipc.streams import admit
 from meshd.wire.codec import unpack
-from meshd.wire.ipc import ERROR, EVENT, encode_reply
+from meshd.wire.ipc import ERROR, EVENT, encode_reply, is_batch_reply
 
 log = logging.getLogger("meshd.ipc.monitor")
 
@@ -186,19 +186,36 @@ class Monitor:
         return self.tap(send)
 
     def tap(self, send: SendFn) -> SendFn:
-        """`send`, noting the error replies that go out (client errors) as events."""
+        """`send`, noting the error replies that go out (client errors) as events, also
+        those among the replies of a batch frame's items (decoded only while someone
+        monitors)."""
         def tapped(ident: bytes, frame: bytes) -> bool:
-            if self.subs and _is_error(frame):
-                self._client_error(frame)
+            if self.subs:
+                if _is_error(frame):
+                    self._client_error(frame)
+                elif is_batch_reply(frame):
+                    self._batch_errors(frame)
             return send(ident, frame)
         return tapped
 
     def _client_error(self, frame: bytes) -> None:
         try:
-            req_id, _, body = unpack(frame, len(frame) + 1)
-            code, message = str(body["code"]), str(body["message"])
+            self._error_event(unpack(frame, len(frame) + 1))
         except Exception:
             return
+
+    def _batch_errors(self, frame: bytes) -> None:
+        try:
+            replies = unpack(frame, len(frame) + 1)[2]
+            for reply in replies:
+                if isinstance(reply, list) and len(reply) == 3 and reply[1] == ERROR:
+                    self._error_event(reply)
+        except Exception:
+            return
+
+    def _error_event(self, reply: list[Any]) -> None:
+        req_id, _, body = reply
+        code, message = str(body["code"]), str(body["message"])
         self.publish(logging.DEBUG if code in QUIET_ERRORS else logging.INFO, "client.error",
                      f"error reply {code}: {message}", {"code": code, "req_id": req_id})
 

@@ -394,11 +394,13 @@ class IPCServer:
                 raise MeshError(f"command {command!r} is not served here")
             if command.startswith("claim."):
                 self.later.answer(ident, req_id,
-                                  timed(self.observe, command, handler(ident, req_id, args)))
+                                  timed(self.observe, command, handler(ident, req_id, args)),
+                                  command)
                 return
             result = handler(ident, req_id, args)
             if command not in ("stream.subscribe", "memory.watch"):   # (answer, then push)
                 self._send(ident, encode_reply(req_id, OK, result))
+            self.counters[f"ok.{command}"] += 1
         except MeshError as exc:
             self.counters[f"error.{exc.code}"] += 1
             self._send(ident, encode_error(req_id, exc.code, str(exc)))
@@ -444,4 +446,5 @@ class IPCServer:
                             "followed": len(self.streams.by_key),
                             "heads": len(self.streams.heads),
                             "paused": len(self.streams.paused),
-                            "refused": self.streams.refused}}
+                            "refused": self.streams.refused},
+                "monitor": self.monitor.stats()}

@@ -393,6 +393,11 @@ def encode_error(req_id: int | None, code: str, message: str) -> bytes:
     return pack([req_id, ERROR, {"code": code, "message": message}])
 
 
+def is_batch_reply(frame: bytes) -> bool:
+    """Whether a reply frame carries the replies of a batch's items (without decoding it)."""
+    return frame.startswith(_BATCH_REPLY_HEAD)
+
+
 def decode_reply(frame: bytes, max_bytes: int) -> tuple[int | None, int, Any]:
     msg = unpack(frame, max_bytes)
     if not isinstance(msg, list) or len(msg) != 3 or msg[1] not in (OK, ERROR, EVENT, BATCH):

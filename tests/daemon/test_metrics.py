@@ -350,9 +350,14 @@ def test_scrape_metrics_from_a_daemon(http_daemon: Any) -> None:
     reg.register("bob", "agent", "claude")
     d.hub(timeout=5).send("alice", "bob", "request", "hello", "a body")
     reg.list_sessions()
-    content_type, fams = scrape(url)
+    with reg.monitor("info"):
+        content_type, fams = scrape(url)
     assert content_type.startswith("text/plain")
     assert value(fams["meshd_ipc_requests"], command="session.register", outcome="ok") == 2
+    # Commands the IPC layer answers itself count too (the fixture asked node.info).
+    assert value(fams["meshd_ipc_requests"], command="node.info", outcome="ok") >= 1
+    assert value(fams["meshd_ipc_requests"], command="node.monitor", outcome="ok") == 1
+    assert samples(fams["meshd_monitor_subscriptions"])[()] == 1
     assert value(fams["meshd_journal_writes"], command="message.send") == 1
     assert fams["meshd_build_info"].samples[0].labels["version"] == INFO["version"]
     assert samples(fams["meshd_checkpoint_duration_seconds"],

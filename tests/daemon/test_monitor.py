@@ -214,3 +214,36 @@ def test_idle_monitor_goes_away(daemon) -> None:
         eventually(gone, timeout=5, message="the idle monitor expired")
     finally:
         sock.close()
+
+
+def test_error_replies_inside_a_batch_frame_are_client_errors(daemon) -> None:
+    """A batch frame's replies go out as one frame: its items' errors are events too."""
+    reg = SessionRegistry(socket=daemon.socket)
+    with reg.monitor("debug") as mon:
+        sock = raw_dealer(daemon.socket)
+        try:
+            items = [[1, "memory.get", {"key": "k"}],                      # fine (None)
+                     [2, "session.get", {"session_id": 5}],                # invalid_argument
+                     [3, "no.such.command", {}]]                           # unknown command
+            sock.send(msgpack.packb([1, 0, "batch", items]))
+            (reply,) = recv_all(sock, 5.0, count=1)
+        finally:
+            sock.close(linger=0)
+        kinds_by_id = {r[0]: r[1] for r in reply[2]}
+        assert kinds_by_id == {1: OK, 2: ERROR, 3: ERROR}, reply
+        codes = {r[0]: r[2]["code"] for r in reply[2] if r[1] == ERROR}
+        got = collect(mon, lambda evs: sum(e.event == "client.error" for e in evs) >= 2)
+    errors = {e.fields["req_id"]: e.fields["code"] for e in got if e.event == "client.error"}
+    assert errors == codes, (errors, codes)
+
+
+def test_monitor_counters_are_in_node_info(daemon) -> None:
+    reg = SessionRegistry(socket=daemon.socket)
+    with reg.monitor("info"):
+        info = reg.node_info()
+        assert info["monitor"]["subscriptions"] == 1
+        assert info["counters"]["ok.node.monitor"] >= 1       # local commands count too
+    out = subprocess.run([sys.executable, "-m", "sessions", "--socket", daemon.socket, "info"],
+                         capture_output=True, text=True, timeout=30, cwd=CHILD_CWD)
+    assert out.returncode == 0, out.stderr
+    assert "monitors" in out.stdout and "ok.node.info" in out.stdout, out.stdout

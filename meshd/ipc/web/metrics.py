@@ -191,8 +191,8 @@ class _InfoCollector(Collector):
                        counters.get("requests"))
         requests = CounterMetricFamily(
             "meshd_ipc_requests_total",
-            "Local API requests answered, by command and outcome (ok: store commands by "
-            "command; error and rejected: by the error code's metric, command \"\").",
+            "Local API requests answered, by command and outcome (ok: by command; error "
+            "and rejected: by the error code's metric, command \"\").",
             labels=["command", "outcome"])
         errors: dict[str, float] = {}
         rejected: dict[str, float] = {}
@@ -267,6 +267,15 @@ class _InfoCollector(Collector):
                        streams.get("refused"))
         yield _counter("meshd_stream_dropped_subscriptions_total", "Subscriptions dropped "
                        "(idle or gone clients).", info.get("dropped_subscriptions"))
+        monitor: dict[str, Any] = dict(info.get("monitor") or {})
+        yield _gauge("meshd_monitor_subscriptions", "Open `sessions monitor` subscriptions.",
+                     monitor.pop("subscriptions", 0))
+        yield _gauge("meshd_monitor_queued_events", "Monitor events waiting for slow "
+                     "subscribers.", monitor.pop("queued", 0))
+        yield _labelled(CounterMetricFamily(
+            "meshd_monitor_events_total", "The monitor's events, by name (events taken, "
+            "pushed, dropped for slow subscribers, refused and expired subscriptions).",
+            labels=["event"]), monitor)
 
     # --- mesh ------------------------------------------------------------------------------
 

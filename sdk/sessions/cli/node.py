@@ -107,6 +107,7 @@ def info(c: Ctx, as_json: bool) -> None:
              ("counters", _counters(routing.get("counters")))])
     click.echo("🔌 Local API")
     _kv([("subscriptions", d.get("subscriptions")), ("pushed", d.get("pushed")),
+         ("monitors", _counters(d.get("monitor"))),
          ("counters", _counters(d.get("counters")))])
     click.echo("💾 Store")
     _kv([("folded", d.get("folded")), ("checkpoints", d.get("checkpoints")),
