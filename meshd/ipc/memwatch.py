@@ -5,8 +5,8 @@ commit, like messages. Replicated changes are parked until this node holds every
 their origin wrote before them (see `memlog`); a merge that parks some marks the store
 (`Store.memlog_parked`), the replicator tells the daemon when its merge committed
 (`merged`), and we log what is due right after, on the loop, then push those events at
-once (a replicated change does not wait for the next local
-write or housekeeping turn to reach watchers).
+once (a replicated change does not wait for the next local write or housekeeping turn
+to reach watchers).
 """
 
 from __future__ import annotations
