@@ -138,8 +138,11 @@ class Discovery:
 
     async def stop(self) -> None:
         """Say goodbye (so peers stop trying this address at once) and close, bounded."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:                     # gone before the Zeroconf they use is closed
+            await asyncio.wait(tasks, timeout=2.0)
         if self._zc is None:
             return
         try:
