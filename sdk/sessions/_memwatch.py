@@ -10,14 +10,12 @@ thread, as every stream's does (`AsyncStream`).
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from typing import Any
 
 from meshd.state import memlog
 from meshd.state.store import Store
 from meshd.wire.ipc import validate_args
-from sessions._stream import AsyncStream, BaseStream, PushStream
+from sessions._stream import AsyncStream, PolledStream, PushStream
 from sessions._subscription import Subscription
 from sessions.models import MemoryEvent
 
@@ -57,45 +55,22 @@ class MemoryWatch(PushStream[MemoryEvent]):
     tags = property(lambda self: self._state.tags)
 
 
-class DirectoryMemoryWatch(BaseStream[MemoryEvent]):
+class DirectoryMemoryWatch(PolledStream[MemoryEvent]):
     """The same interface over a directory store, by polling its change log."""
-
-    POLL = 0.05
 
     def __init__(self, store: Store, prefix: str | None = None, tags: list[str] | None = None,
                  cursor: int | None = None) -> None:
         validate_args("memory.watch", {"prefix": prefix, "tags": tags or [], "cursor": cursor})
-        self.store = store
         self.prefix = prefix
         self.tags = list(tags or [])
         with store.read():
-            self.cursor: int | None = memlog.head(store) if cursor is None else cursor
-        self._pending: deque[MemoryEvent] = deque()
-        self.closed = False
+            head = memlog.head(store) if cursor is None else cursor
+        super().__init__(store, head)
 
-    def next(self, timeout: float | None = None) -> MemoryEvent | None:
-        """The next event, or None when `timeout` seconds pass without one."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tags = frozenset(self.tags) or None
-        while not self.closed:
-            if self._pending:
-                ev = self._pending.popleft()
-                self.cursor = ev.cursor
-                return ev
-            assert self.cursor is not None
-            with self.store.read():
-                rows, through = memlog.after(self.store, self.cursor, 256, self.prefix, tags)
-            self._pending.extend(MemoryEvent.from_dict(seq, m) for seq, m in rows)
-            if rows:
-                continue
-            self.cursor = max(self.cursor, through)     # rows the filter skipped
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(self.POLL)
-        return None
-
-    def close(self) -> None:
-        self.closed = True
+    def _fetch(self, cursor: int) -> tuple[list[tuple[int, MemoryEvent]], int]:
+        rows, through = memlog.after(self.store, cursor, 256, self.prefix,
+                                     frozenset(self.tags) or None)
+        return [(seq, MemoryEvent.from_dict(seq, m)) for seq, m in rows], through
 
 
 class AsyncMemoryWatch(AsyncStream[MemoryEvent]):

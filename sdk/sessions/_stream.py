@@ -204,33 +204,36 @@ class MessageStream(PushStream[Message]):
     window = property(lambda self: self._state.window)
 
 
-class DirectoryStream(BaseStream[Message]):
-    """The same interface over a directory store, by polling (there is no daemon to push)."""
+class PolledStream(BaseStream[T]):
+    """A stream over a directory store, by polling (there is no daemon to push): a kind
+    gives `_fetch`, the rows after a cursor; this hands them out one at a time."""
 
     POLL = 0.05
 
-    def __init__(self, store: Store, session_id: str | None = None, cursor: int | None = None,
-                 types: list[str] | None = None) -> None:
+    def __init__(self, store: Store, cursor: int) -> None:
         self.store = store
-        self.session_id = session_id
-        self.types = types or []
-        with store.lock:
-            self.cursor = store_messages.head(store, session_id) if cursor is None else cursor
-        self._pending: deque[tuple[int, Message]] = deque()
+        self.cursor: int = cursor
+        self._pending: deque[tuple[int, T]] = deque()
         self.closed = False
 
-    def next(self, timeout: float | None = None) -> Message | None:
+    def _fetch(self, cursor: int) -> tuple[list[tuple[int, T]], int]:
+        """Up to a page of (seq, item) after `cursor`, and the cursor the read covered
+        (past rows a filter skipped)."""
+        raise NotImplementedError
+
+    def next(self, timeout: float | None = None) -> T | None:
+        """The next item, or None when `timeout` seconds pass without one."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.closed:
             if self._pending:
-                self.cursor, msg = self._pending.popleft()
-                return msg
+                self.cursor, item = self._pending.popleft()
+                return item
             with self.store.read():
-                rows = store_messages.after(self.store, self.session_id, self.cursor, 256,
-                                            self.types)
-            self._pending.extend((seq, Message.from_dict(m)) for seq, m in rows)
+                rows, through = self._fetch(self.cursor)
+            self._pending.extend(rows)
             if rows:
                 continue
+            self.cursor = max(self.cursor, through)
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             time.sleep(self.POLL)
@@ -238,6 +241,22 @@ class DirectoryStream(BaseStream[Message]):
 
     def close(self) -> None:
         self.closed = True
+
+
+class DirectoryStream(PolledStream[Message]):
+    """The message stream's interface over a directory store."""
+
+    def __init__(self, store: Store, session_id: str | None = None, cursor: int | None = None,
+                 types: list[str] | None = None) -> None:
+        self.session_id = session_id
+        self.types = types or []
+        with store.lock:
+            head = store_messages.head(store, session_id) if cursor is None else cursor
+        super().__init__(store, head)
+
+    def _fetch(self, cursor: int) -> tuple[list[tuple[int, Message]], int]:
+        rows = store_messages.after(self.store, self.session_id, cursor, 256, self.types)
+        return [(seq, Message.from_dict(m)) for seq, m in rows], cursor
 
 
 Stream = MessageStream | DirectoryStream
@@ -312,5 +331,5 @@ class HandlerThread:
             self.stream.close()
 
 
-__all__ = ["PushStream", "MessageStream", "DirectoryStream", "AsyncStream", "HandlerThread",
+__all__ = ["PushStream", "PolledStream", "MessageStream", "DirectoryStream", "AsyncStream", "HandlerThread",
            "NotFound"]
